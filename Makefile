@@ -1,0 +1,51 @@
+# vblk — every target installs what it needs on a fresh Debian machine (we run as root).
+SHELL := /bin/bash
+NODE_MODULES := node_modules/.package-lock.json
+NATIVE_SRC := $(wildcard native-bindings/*.c)
+NATIVE_LIB := build/native/libvblk.so
+
+.PHONY: all build deps test demo bench fuzz clean native apt-qemu-utils apt-qemu-system
+
+all: build
+
+$(NODE_MODULES): package.json package-lock.json
+	npm ci --no-audit --no-fund
+	@touch $@
+
+# Debian packages, installed only when the tool is missing.
+apt-qemu-utils:
+	@command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || { \
+	  echo "installing qemu-utils (qemu-img, qemu-io)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils >/dev/null; }
+
+apt-qemu-system:
+	@command -v qemu-system-x86_64 >/dev/null && command -v qemu-storage-daemon >/dev/null || { \
+	  echo "installing qemu-system-x86 (qemu-system-x86_64, qemu-storage-daemon)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null; }
+
+deps: $(NODE_MODULES) apt-qemu-utils
+	@command -v cc >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null; }
+
+$(NATIVE_LIB): $(NATIVE_SRC)
+	@mkdir -p build/native
+	$(if $(NATIVE_SRC),cc -O2 -Wall -Wextra -fPIC -shared -o $@ $(NATIVE_SRC),@echo "no native sources")
+
+native: $(NATIVE_LIB)
+
+build: deps native
+	npx tsc -p tsconfig.json
+
+test: build apt-qemu-system
+	node scripts/run-tests.js
+
+demo: build
+	bash scripts/demo.sh
+
+bench: build
+	node build/src/bench/main.js
+
+fuzz: build
+	VBLK_FUZZ_SECONDS=$${VBLK_FUZZ_SECONDS:-300} node scripts/run-tests.js build/test/virtio
+
+clean:
+	rm -rf build
