@@ -1,0 +1,440 @@
+/**
+ * qcow2 refcounts (docs/interop/qcow2.rst, "Host cluster management"): the codec for refcount
+ * blocks of every width (refcount_order 0..6, sub-byte widths packed LSB-first), and the
+ * `RefcountManager` that owns the refcount table, a write-back cache of refcount blocks, and
+ * cluster allocation.
+ *
+ * Crash-safety rules the manager keeps by itself:
+ * - a new refcount block describes itself, is written and synced before the table entry that
+ *   hooks it in is written (and synced);
+ * - a grown refcount table (with the blocks that describe it) is written and synced before the
+ *   header switches to it; the old table is freed only after the switch is durable.
+ * Rules the caller keeps: `flush()` (then a sync) before any L1/L2 entry that references a newly
+ * allocated cluster is written; `release()` only after the L2/L1 update that dropped the last
+ * reference is durable. The manager is not re-entrant: call it under the image's metadata lock.
+ */
+import { DiskError, hex } from '../../errors';
+import type { ImageFile } from '../file';
+
+/** Bits 0-8 of a refcount table entry are reserved (`REFT_RESERVED_MASK`). */
+export const REFT_OFFSET_MASK = 0xfffffffffffffe00n;
+export const REFT_RESERVED_MASK = 0x1ffn;
+/** QEMU refuses refcount tables larger than 8 MiB (`QCOW_MAX_REFTABLE_SIZE`). */
+export const MAX_REFTABLE_BYTES = 8 * 1024 * 1024;
+/** qcow2 host offsets are limited to 56 bits; keep to safe integers as well. */
+const MAX_HOST_OFFSET = 2 ** 53;
+
+/** Largest refcount a `refcount_order` can hold (capped at 2^53-1 for order 6). */
+export function maxRefcount(order: number): number {
+  checkOrder(order);
+  return order === 6 ? Number.MAX_SAFE_INTEGER : 2 ** (1 << order) - 1;
+}
+
+/** Number of refcount entries in one refcount block. */
+export function refblockEntries(clusterBits: number, order: number): number {
+  checkOrder(order);
+  return ((1 << clusterBits) * 8) >>> order;
+}
+
+function checkOrder(order: number): void {
+  if (!Number.isInteger(order) || order < 0 || order > 6) throw new RangeError(`refcount_order must be 0..6, got ${order}`);
+}
+
+/**
+ * Reads entry `index` of a refcount block. Widths below 8 bits are packed LSB-first (entry 0 in
+ * bit 0 of byte 0); wider ones are big-endian.
+ */
+export function getRefcount(block: Uint8Array, index: number, order: number): number {
+  const bits = 1 << order;
+  if (bits < 8) {
+    const bit = index * bits;
+    const byte = block[bit >>> 3];
+    if (byte === undefined) throw new RangeError(`refcount index ${index} outside the block`);
+    return (byte >>> (bit & 7)) & ((1 << bits) - 1);
+  }
+  const off = index * (bits >>> 3);
+  if (off + (bits >>> 3) > block.length || index < 0) throw new RangeError(`refcount index ${index} outside the block`);
+  const dv = new DataView(block.buffer, block.byteOffset, block.byteLength);
+  switch (bits) {
+    case 8:
+      return dv.getUint8(off);
+    case 16:
+      return dv.getUint16(off);
+    case 32:
+      return dv.getUint32(off);
+    default: {
+      const v = dv.getBigUint64(off);
+      if (v > BigInt(Number.MAX_SAFE_INTEGER)) {
+        throw new DiskError('E_QCOW_CORRUPT', `Cannot read refcount: value ${hex(v)} of entry ${index} is larger than vblk supports`);
+      }
+      return Number(v);
+    }
+  }
+}
+
+/** Writes entry `index` of a refcount block (see `getRefcount` for the layout). */
+export function setRefcount(block: Uint8Array, index: number, order: number, value: number): void {
+  if (!Number.isSafeInteger(value) || value < 0 || value > maxRefcount(order)) {
+    throw new RangeError(`refcount ${value} does not fit in ${1 << order} bits`);
+  }
+  const bits = 1 << order;
+  if (bits < 8) {
+    const bit = index * bits;
+    const i = bit >>> 3;
+    const byte = block[i];
+    if (byte === undefined) throw new RangeError(`refcount index ${index} outside the block`);
+    const mask = ((1 << bits) - 1) << (bit & 7);
+    block[i] = (byte & ~mask) | ((value << (bit & 7)) & mask);
+    return;
+  }
+  const off = index * (bits >>> 3);
+  if (off + (bits >>> 3) > block.length || index < 0) throw new RangeError(`refcount index ${index} outside the block`);
+  const dv = new DataView(block.buffer, block.byteOffset, block.byteLength);
+  switch (bits) {
+    case 8:
+      dv.setUint8(off, value);
+      break;
+    case 16:
+      dv.setUint16(off, value);
+      break;
+    case 32:
+      dv.setUint32(off, value);
+      break;
+    default:
+      dv.setBigUint64(off, BigInt(value));
+  }
+}
+
+/** Geometry and location of an image's refcount structures (from the header). */
+export interface RefcountLayout {
+  readonly clusterBits: number;
+  readonly refcountOrder: number;
+  readonly tableOffset: number;
+  readonly tableClusters: number;
+}
+
+interface CachedBlock {
+  readonly data: Uint8Array;
+  dirty: boolean;
+}
+
+async function readFull(file: ImageFile, buf: Uint8Array, pos: number, what: string): Promise<void> {
+  const n = await file.read(buf, pos);
+  if (n < buf.length) buf.fill(0, n); // past EOF reads as zeroes (the file may end mid-cluster)
+  if (n === 0 && buf.length > 0) {
+    throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${what}: offset ${hex(pos)} is past the end of the file`, { offset: pos });
+  }
+}
+
+/**
+ * The refcount table, a write-back LRU cache of refcount blocks, and the cluster allocator.
+ *
+ * @example
+ *   const rc = await RefcountManager.load(file, { clusterBits: 16, refcountOrder: 4, tableOffset: 0x10000, tableClusters: 1 });
+ *   const off = await rc.allocate(1); // a free cluster, refcount now 1 (in the cache)
+ *   await rc.flush(); await file.sync();
+ */
+export class RefcountManager {
+  readonly file: ImageFile;
+  readonly clusterBits: number;
+  readonly clusterSize: number;
+  readonly order: number;
+  /** Refcount entries per block. */
+  readonly rbEntries: number;
+  #tableOffset: number;
+  #tableClusters: number;
+  /** Host offsets of refcount blocks (0 = none), one per table entry. */
+  #table: number[];
+  readonly #cache = new Map<number, CachedBlock>();
+  readonly #maxCached: number;
+  /** Lowest cluster index that may be free. */
+  #freeHint = 0;
+  /** Called after the table moved (offset, clusters), so the owner can update its header copy. */
+  onTableMoved: ((offset: number, clusters: number) => void) | undefined;
+
+  private constructor(file: ImageFile, layout: RefcountLayout, table: number[]) {
+    this.file = file;
+    this.clusterBits = layout.clusterBits;
+    this.clusterSize = 2 ** layout.clusterBits;
+    this.order = layout.refcountOrder;
+    this.rbEntries = refblockEntries(layout.clusterBits, layout.refcountOrder);
+    this.#tableOffset = layout.tableOffset;
+    this.#tableClusters = layout.tableClusters;
+    this.#table = table;
+    this.#maxCached = Math.max(16, Math.floor((8 * 1024 * 1024) / this.clusterSize));
+  }
+
+  /** Reads and validates the refcount table. */
+  static async load(file: ImageFile, layout: RefcountLayout): Promise<RefcountManager> {
+    checkOrder(layout.refcountOrder);
+    const cs = 2 ** layout.clusterBits;
+    const bytes = layout.tableClusters * cs;
+    if (!Number.isSafeInteger(bytes) || layout.tableClusters < 1 || bytes > MAX_REFTABLE_BYTES) {
+      throw new DiskError('E_QCOW_CORRUPT', `Cannot load refcount table: ${layout.tableClusters} clusters is outside 1..${MAX_REFTABLE_BYTES / cs}`);
+    }
+    if (layout.tableOffset % cs !== 0 || layout.tableOffset === 0) {
+      throw new DiskError('E_QCOW_CORRUPT', `Cannot load refcount table: offset ${hex(layout.tableOffset)} is not cluster-aligned`);
+    }
+    const raw = new Uint8Array(bytes);
+    await readFull(file, raw, layout.tableOffset, 'refcount table');
+    const dv = new DataView(raw.buffer);
+    const table: number[] = [];
+    for (let i = 0; i < bytes / 8; i++) {
+      const e = dv.getBigUint64(i * 8);
+      if ((e & REFT_RESERVED_MASK) !== 0n) {
+        throw new DiskError('E_QCOW_CORRUPT', `Cannot load refcount table: entry ${i} (${hex(e)}) has reserved bits set`);
+      }
+      const off = Number(e & REFT_OFFSET_MASK);
+      if (!Number.isSafeInteger(off) || off >= MAX_HOST_OFFSET || off % cs !== 0) {
+        throw new DiskError('E_QCOW_CORRUPT', `Cannot load refcount table: refcount block offset ${hex(e)} of entry ${i} is not cluster-aligned`);
+      }
+      table.push(off);
+    }
+    return new RefcountManager(file, layout, table);
+  }
+
+  get tableOffset(): number {
+    return this.#tableOffset;
+  }
+
+  get tableClusters(): number {
+    return this.#tableClusters;
+  }
+
+  /** Refcount block offsets, one per table entry (0 = missing). Do not modify. */
+  get table(): readonly number[] {
+    return this.#table;
+  }
+
+  /** True when some cached refcount block has changes not yet written. */
+  get dirty(): boolean {
+    for (const b of this.#cache.values()) if (b.dirty) return true;
+    return false;
+  }
+
+  async #block(rtIdx: number): Promise<CachedBlock | undefined> {
+    const off = this.#table[rtIdx];
+    if (off === undefined || off === 0) return undefined;
+    const hit = this.#cache.get(rtIdx);
+    if (hit) {
+      this.#cache.delete(rtIdx); // LRU: move to the back
+      this.#cache.set(rtIdx, hit);
+      return hit;
+    }
+    const data = new Uint8Array(this.clusterSize);
+    await readFull(this.file, data, off, `refcount block ${rtIdx}`);
+    const b: CachedBlock = { data, dirty: false };
+    await this.#insert(rtIdx, b);
+    return b;
+  }
+
+  async #insert(rtIdx: number, b: CachedBlock): Promise<void> {
+    while (this.#cache.size >= this.#maxCached) {
+      const [k, v] = this.#cache.entries().next().value as [number, CachedBlock];
+      if (v.dirty) await this.#writeBlock(k, v);
+      this.#cache.delete(k);
+    }
+    this.#cache.set(rtIdx, b);
+  }
+
+  async #writeBlock(rtIdx: number, b: CachedBlock): Promise<void> {
+    const off = this.#table[rtIdx];
+    if (off === undefined || off === 0) throw new RangeError(`refcount block ${rtIdx} has no offset`);
+    b.dirty = false;
+    try {
+      await this.file.write(b.data, off);
+    } catch (e) {
+      b.dirty = true;
+      throw e;
+    }
+  }
+
+  /** Refcount of the cluster with index `cluster` (0 where no block covers it). */
+  async get(cluster: number): Promise<number> {
+    const b = await this.#block(Math.floor(cluster / this.rbEntries));
+    return b ? getRefcount(b.data, cluster % this.rbEntries, this.order) : 0;
+  }
+
+  /** Refcount of the cluster containing host offset `offset`. */
+  getAt(offset: number): Promise<number> {
+    return this.get(Math.floor(offset / this.clusterSize));
+  }
+
+  /**
+   * Changes the refcount of cluster `cluster` by `delta` in the cache. A refcount block is created
+   * when needed (only possible for increments). Rejects on underflow or overflow.
+   */
+  async adjust(cluster: number, delta: number): Promise<number> {
+    const rtIdx = Math.floor(cluster / this.rbEntries);
+    let b = await this.#block(rtIdx);
+    if (!b) {
+      if (delta < 0) throw new DiskError('E_QCOW_CORRUPT', `Cannot decrease refcount of cluster ${cluster}: no refcount block covers it`);
+      b = await this.#ensureBlock(rtIdx);
+    }
+    const idx = cluster % this.rbEntries;
+    const old = getRefcount(b.data, idx, this.order);
+    const next = old + delta;
+    if (next < 0) throw new DiskError('E_QCOW_CORRUPT', `Cannot decrease refcount of cluster ${cluster} (offset ${hex(cluster * this.clusterSize)}): it is already ${old}`);
+    if (next > maxRefcount(this.order)) {
+      throw new DiskError('E_QCOW_UNSUPPORTED', `Cannot increase refcount of cluster ${cluster}: ${next} does not fit in ${1 << this.order} bits`);
+    }
+    setRefcount(b.data, idx, this.order, next);
+    b.dirty = true;
+    if (next === 0 && cluster < this.#freeHint) this.#freeHint = cluster;
+    return next;
+  }
+
+  /** Sets the refcount of `cluster` (repair); the covering block must exist. */
+  async set(cluster: number, value: number): Promise<void> {
+    const b = await this.#block(Math.floor(cluster / this.rbEntries));
+    if (!b) throw new DiskError('E_QCOW_CORRUPT', `Cannot set refcount of cluster ${cluster}: no refcount block covers it`);
+    setRefcount(b.data, cluster % this.rbEntries, this.order, value);
+    b.dirty = true;
+    if (value === 0 && cluster < this.#freeHint) this.#freeHint = cluster;
+  }
+
+  /** Decrements the refcount of every cluster in `[offset, offset + bytes)` by one. */
+  async release(offset: number, bytes: number): Promise<void> {
+    const first = Math.floor(offset / this.clusterSize);
+    const last = Math.floor((offset + bytes - 1) / this.clusterSize);
+    for (let c = first; c <= last; c++) await this.adjust(c, -1);
+  }
+
+  /**
+   * Allocates `count` contiguous free clusters (refcount 0 → 1, in the cache) and returns the host
+   * offset of the first. Freed clusters are reused (lowest first); the image grows otherwise.
+   */
+  async allocate(count: number): Promise<number> {
+    if (!Number.isSafeInteger(count) || count < 1) throw new RangeError(`cluster count must be positive, got ${count}`);
+    let start = this.#freeHint;
+    let run = 0;
+    for (let c = this.#freeHint; run < count; c++) {
+      if ((c + 1) * this.clusterSize > MAX_HOST_OFFSET) {
+        throw new DiskError('E_DISK_IO', `Cannot allocate ${count} clusters: the image would grow past ${hex(MAX_HOST_OFFSET)}`);
+      }
+      const rtIdx = Math.floor(c / this.rbEntries);
+      if (rtIdx >= this.#table.length) await this.#growTable(rtIdx);
+      if ((this.#table[rtIdx] ?? 0) === 0) await this.#ensureBlock(rtIdx);
+      const b = await this.#block(rtIdx);
+      const rc = b ? getRefcount(b.data, c % this.rbEntries, this.order) : 0;
+      if (rc === 0) {
+        if (run === 0) start = c;
+        run++;
+      } else {
+        run = 0;
+        if (c === this.#freeHint) this.#freeHint = c + 1;
+      }
+    }
+    for (let c = start; c < start + count; c++) await this.adjust(c, 1);
+    if (start === this.#freeHint) this.#freeHint = start + count;
+    return start * this.clusterSize;
+  }
+
+  /**
+   * Creates the refcount block for range `rtIdx`. No block means every cluster of the range is
+   * free, so the block goes to the range's first cluster and describes itself.
+   */
+  async #ensureBlock(rtIdx: number): Promise<CachedBlock> {
+    if (rtIdx >= this.#table.length) await this.#growTable(rtIdx);
+    const existing = await this.#block(rtIdx);
+    if (existing) return existing;
+    const cluster = rtIdx * this.rbEntries;
+    const off = cluster * this.clusterSize;
+    const data = new Uint8Array(this.clusterSize);
+    setRefcount(data, 0, this.order, 1);
+    await this.file.write(data, off);
+    await this.file.sync();
+    const entry = new Uint8Array(8);
+    new DataView(entry.buffer).setBigUint64(0, BigInt(off));
+    await this.file.write(entry, this.#tableOffset + rtIdx * 8);
+    await this.file.sync();
+    this.#table[rtIdx] = off;
+    const b: CachedBlock = { data, dirty: false };
+    await this.#insert(rtIdx, b);
+    return b;
+  }
+
+  /**
+   * Grows the refcount table so that entry `needIdx` exists. The new table and the refcount blocks
+   * that describe it go to the first range the old table does not cover (all free), the header
+   * switches to it after it is durable, and then the old table's clusters are released.
+   */
+  async #growTable(needIdx: number): Promise<void> {
+    const cs = this.clusterSize;
+    const oldEntries = this.#table.length;
+    const g = oldEntries; // first uncovered range: every cluster in it is free
+    const base = g * this.rbEntries;
+    let tableClusters = Math.ceil((Math.max(needIdx + 1, oldEntries * 2) * 8) / cs);
+    let k = 1;
+    for (;;) {
+      k = Math.max(1, Math.ceil((k + tableClusters) / this.rbEntries));
+      const k2 = Math.ceil((k + tableClusters) / this.rbEntries);
+      if (k2 !== k) continue;
+      if ((tableClusters * cs) / 8 < g + k) {
+        tableClusters++;
+        continue;
+      }
+      break;
+    }
+    if (tableClusters * cs > MAX_REFTABLE_BYTES) {
+      throw new DiskError('E_QCOW_UNSUPPORTED', `Cannot grow refcount table: ${tableClusters} clusters exceed the ${MAX_REFTABLE_BYTES}-byte limit`);
+    }
+    const used = k + tableClusters;
+    const blocks: Uint8Array[] = [];
+    for (let j = 0; j < k; j++) {
+      const data = new Uint8Array(cs);
+      for (let c = j * this.rbEntries; c < Math.min(used, (j + 1) * this.rbEntries); c++) setRefcount(data, c - j * this.rbEntries, this.order, 1);
+      blocks.push(data);
+    }
+    const newTable = this.#table.slice();
+    while (newTable.length < (tableClusters * cs) / 8) newTable.push(0);
+    for (let j = 0; j < k; j++) newTable[g + j] = (base + j) * cs;
+    const tableOffset = (base + k) * cs;
+    const raw = new Uint8Array(tableClusters * cs);
+    const dv = new DataView(raw.buffer);
+    newTable.forEach((off, i) => dv.setBigUint64(i * 8, BigInt(off)));
+    for (let j = 0; j < k; j++) {
+      const blk = blocks[j];
+      if (blk) await this.file.write(blk, (base + j) * cs);
+    }
+    await this.file.write(raw, tableOffset);
+    await this.file.sync();
+    const hdr = new Uint8Array(12);
+    const hv = new DataView(hdr.buffer);
+    hv.setBigUint64(0, BigInt(tableOffset));
+    hv.setUint32(8, tableClusters);
+    await this.file.write(hdr, 48); // refcount_table_offset, refcount_table_clusters
+    await this.file.sync();
+    const oldOffset = this.#tableOffset;
+    const oldClusters = this.#tableClusters;
+    this.#table = newTable;
+    this.#tableOffset = tableOffset;
+    this.#tableClusters = tableClusters;
+    for (let j = 0; j < k; j++) {
+      const blk = blocks[j];
+      if (blk) await this.#insert(g + j, { data: blk, dirty: false });
+    }
+    this.onTableMoved?.(tableOffset, tableClusters);
+    await this.release(oldOffset, oldClusters * cs);
+  }
+
+  /** Writes every dirty refcount block (no sync: the caller orders it). */
+  async flush(): Promise<void> {
+    for (const [k, b] of this.#cache) if (b.dirty) await this.#writeBlock(k, b);
+  }
+
+  /** Drops the cache without writing (after a failed write, or before a full rebuild). */
+  discardCache(): void {
+    this.#cache.clear();
+  }
+
+  /** Index one past the last cluster any refcount block could describe as used (for scans). */
+  get coveredClusters(): number {
+    return this.#table.length * this.rbEntries;
+  }
+
+  /** Restarts the free-cluster search from cluster 0 (after a repair). */
+  resetHint(): void {
+    this.#freeHint = 0;
+  }
+}

@@ -1,0 +1,129 @@
+import * as fs from 'node:fs';
+import { TransportError, isVblkError } from '../errors';
+import { close, open, O_RDWR } from '../native/libc';
+import { kvmIoctl } from './ioctl';
+import { KVM_API_VERSION, KVM_CAP, KVM_IOCTL } from './abi';
+import { Vm } from './vm';
+
+/** Default KVM device node. */
+export const KVM_DEVICE = '/dev/kvm';
+
+/** Why KVM cannot be used here, or null when it can (for tests that skip with a reason). */
+export function kvmUnavailableReason(device = KVM_DEVICE): string | null {
+  try {
+    const kvm = Kvm.open(device);
+    kvm.close();
+    return null;
+  } catch (e) {
+    if (isVblkError(e)) return e.message;
+    throw e;
+  }
+}
+
+/**
+ * An open /dev/kvm: the system-level KVM handle (API version and capability checks, VM creation).
+ *
+ * @example
+ *   const kvm = Kvm.open();                   // throws E_KVM with one clear line if unusable
+ *   kvm.requireExtension(KVM_CAP.IOEVENTFD, 'KVM_CAP_IOEVENTFD');
+ *   const vm = kvm.createVm();
+ */
+export class Kvm {
+  readonly fd: number;
+  readonly apiVersion: number;
+  #closed = false;
+
+  private constructor(fd: number, apiVersion: number) {
+    this.fd = fd;
+    this.apiVersion = apiVersion;
+  }
+
+  /**
+   * Opens the KVM device and checks the API version.
+   * @throws TransportError E_KVM: missing device, no permission, or an API version other than 12.
+   */
+  static open(device = KVM_DEVICE): Kvm {
+    if (!fs.existsSync(device)) {
+      throw new TransportError('E_KVM', `Cannot open ${device}: it does not exist (KVM is not available on this host)`, { device, reason: 'missing' });
+    }
+    let fd: number;
+    try {
+      fd = open(device, O_RDWR);
+    } catch (e) {
+      const errno = isVblkError(e) ? e.data['errnoName'] : undefined;
+      if (errno === 'EACCES' || errno === 'EPERM') {
+        throw new TransportError('E_KVM', `Cannot open ${device}: permission denied (run as a user in the group that owns ${device}, usually 'kvm')`, { device, reason: 'permission' }, { cause: e });
+      }
+      throw new TransportError('E_KVM', `Cannot open ${device}: ${String(errno ?? e)}`, { device, reason: 'open' }, { cause: e });
+    }
+    let version: number;
+    try {
+      version = kvmIoctl(fd, KVM_IOCTL.GET_API_VERSION, 0, 'KVM_GET_API_VERSION');
+    } catch (e) {
+      close(fd);
+      throw new TransportError('E_KVM', `Cannot use ${device}: KVM_GET_API_VERSION failed (${e instanceof Error ? e.message : String(e)})`, { device, reason: 'api' }, { cause: e });
+    }
+    const kvm = new Kvm(fd, version);
+    try {
+      kvm.checkApiVersion(version, device);
+    } catch (e) {
+      kvm.close();
+      throw e;
+    }
+    return kvm;
+  }
+
+  /** Throws E_KVM unless `version` is the stable API version 12. */
+  checkApiVersion(version: number, device = KVM_DEVICE): void {
+    if (version !== KVM_API_VERSION) {
+      throw new TransportError('E_KVM', `Cannot use ${device}: KVM API version ${version}, vblk needs ${KVM_API_VERSION}`, { device, reason: 'api', version });
+    }
+  }
+
+  /** KVM_CHECK_EXTENSION: 0 when absent, otherwise a capability-specific positive value. */
+  checkExtension(cap: number): number {
+    return kvmIoctl(this.fd, KVM_IOCTL.CHECK_EXTENSION, cap, 'KVM_CHECK_EXTENSION');
+  }
+
+  /** Throws E_KVM "Cannot use KVM: the host lacks KVM_CAP_X" when the capability is missing. */
+  requireExtension(cap: number, name: string): void {
+    if (this.checkExtension(cap) <= 0) {
+      throw new TransportError('E_KVM', `Cannot use KVM: the host lacks ${name} (capability ${cap})`, { cap, name });
+    }
+  }
+
+  /** Checks the capabilities vblk's harness relies on, with one clear error for the first missing. */
+  requireHarnessExtensions(): void {
+    const needed: [number, string][] = [
+      [KVM_CAP.USER_MEMORY, 'KVM_CAP_USER_MEMORY'],
+      [KVM_CAP.IRQCHIP, 'KVM_CAP_IRQCHIP'],
+      [KVM_CAP.IRQFD, 'KVM_CAP_IRQFD'],
+      [KVM_CAP.IOEVENTFD, 'KVM_CAP_IOEVENTFD'],
+      [KVM_CAP.SET_TSS_ADDR, 'KVM_CAP_SET_TSS_ADDR'],
+      [KVM_CAP.IMMEDIATE_EXIT, 'KVM_CAP_IMMEDIATE_EXIT'],
+    ];
+    for (const [cap, name] of needed) this.requireExtension(cap, name);
+  }
+
+  /** Size of the per-vCPU kvm_run area to mmap. */
+  vcpuMmapSize(): number {
+    return kvmIoctl(this.fd, KVM_IOCTL.GET_VCPU_MMAP_SIZE, 0, 'KVM_GET_VCPU_MMAP_SIZE');
+  }
+
+  /** KVM_CREATE_VM. */
+  createVm(): Vm {
+    this.#checkOpen();
+    const fd = kvmIoctl(this.fd, KVM_IOCTL.CREATE_VM, 0, 'KVM_CREATE_VM');
+    return new Vm(this, fd);
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    close(this.fd);
+  }
+
+  #checkOpen(): void {
+    if (this.#closed) throw new TransportError('E_KVM', 'Cannot create a VM: /dev/kvm handle is closed');
+  }
+}

@@ -1,0 +1,118 @@
+/**
+ * Typed libc calls that Node's `fs` does not offer: ioctl, mmap/munmap, eventfd, plus open/close
+ * of character devices such as /dev/kvm. Implemented through the shim (`native-bindings/
+ * kvm_shim.c`), which returns -errno on failure; every failure becomes a `TransportError`
+ * "Cannot <action>: ENAME" with `data.errno`.
+ *
+ * The API is deliberately small and stable (other modules — KVM, vhost-user — build on it).
+ *
+ * @example
+ * const m = mmap({ length: 1 << 20 });           // anonymous, zero-filled, read-write
+ * m.buffer.writeUInt32LE(0x74726976, 0);         // zero-copy view of the mapping
+ * munmap(m);
+ */
+import { arg, callI64, callPointer, checkErrno, externalBuffer } from './library';
+
+/** open(2) flags and mode bits used by vblk (x86-64 / generic Linux values). */
+export const O_RDONLY = 0;
+export const O_WRONLY = 1;
+export const O_RDWR = 2;
+export const O_NONBLOCK = 0o4000;
+export const O_CLOEXEC = 0o2000000;
+
+export const PROT_NONE = 0;
+export const PROT_READ = 1;
+export const PROT_WRITE = 2;
+export const PROT_EXEC = 4;
+
+export const MAP_SHARED = 0x01;
+export const MAP_PRIVATE = 0x02;
+export const MAP_FIXED = 0x10;
+export const MAP_ANONYMOUS = 0x20;
+export const MAP_NORESERVE = 0x4000;
+
+export const EFD_SEMAPHORE = 1;
+export const EFD_NONBLOCK = 0o4000;
+
+/** Opens `path` (O_CLOEXEC is always added). Resolves to the fd. */
+export function open(path: string, flags: number, mode = 0): number {
+  return checkErrno(callI64('vblk', 'vblk_open', [arg.string(path), arg.i32(flags), arg.i32(mode)]), `open ${path}`);
+}
+
+/** close(2). */
+export function close(fd: number): void {
+  checkErrno(callI64('vblk', 'vblk_close', [arg.i32(fd)]), `close fd ${fd}`);
+}
+
+/**
+ * ioctl(2) with an integer (or no) argument. Returns the non-negative result.
+ * @param what names the request in error messages ("KVM_CREATE_VM").
+ */
+export function ioctl(fd: number, request: number, value: number | bigint = 0, what = `ioctl 0x${request.toString(16)}`): number {
+  return checkErrno(callI64('vblk', 'vblk_ioctl', [arg.i32(fd), arg.i64(request), arg.i64(value)]), what, 'E_NATIVE');
+}
+
+/**
+ * ioctl(2) whose argument points to `buf` (a struct in, out or both: the kernel reads and writes
+ * the bytes in place). Returns the non-negative result.
+ */
+export function ioctlBuffer(fd: number, request: number, buf: Uint8Array, what = `ioctl 0x${request.toString(16)}`): number {
+  return checkErrno(callI64('vblk', 'vblk_ioctl_buf', [arg.i32(fd), arg.i64(request), arg.buffer(buf)]), what, 'E_NATIVE');
+}
+
+/** A live memory mapping: its address and a zero-copy Buffer over it. */
+export interface Mapping {
+  /** Host virtual address of the first byte. */
+  readonly address: bigint;
+  readonly length: number;
+  /** The mapped bytes (no copy: writes go straight to the mapping). Do not use after munmap. */
+  readonly buffer: Buffer;
+}
+
+/** Options of `mmap`; without `fd` the mapping is anonymous and zero-filled. */
+export interface MmapOptions {
+  readonly length: number;
+  /** PROT_* bits; default PROT_READ | PROT_WRITE. */
+  readonly prot?: number;
+  /** MAP_* bits; default MAP_SHARED for a file, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE otherwise. */
+  readonly flags?: number;
+  readonly fd?: number;
+  /** File offset (page-aligned). */
+  readonly offset?: number | bigint;
+}
+
+/** mmap(2): maps memory and returns its address with a zero-copy Buffer. */
+export function mmap(opts: MmapOptions): Mapping {
+  const { length } = opts;
+  if (!Number.isSafeInteger(length) || length <= 0) throw new RangeError(`mmap length invalid: ${length}`);
+  const anonymous = opts.fd === undefined;
+  const prot = opts.prot ?? PROT_READ | PROT_WRITE;
+  const flags = opts.flags ?? (anonymous ? MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE : MAP_SHARED);
+  const r = callI64('vblk', 'vblk_mmap', [
+    arg.i64(0),
+    arg.i64(length),
+    arg.i32(prot),
+    arg.i32(flags),
+    arg.i32(opts.fd ?? -1),
+    arg.i64(opts.offset ?? 0),
+  ]);
+  const what = anonymous ? `map ${length} bytes of memory` : `mmap fd ${opts.fd ?? -1} (${length} bytes at offset ${opts.offset ?? 0})`;
+  checkErrnoBig(r, what);
+  const ptr = callPointer('vblk', 'vblk_ptr', [arg.i64(r)]);
+  return { address: r, length, buffer: externalBuffer(ptr, length) };
+}
+
+function checkErrnoBig(r: bigint, what: string): void {
+  // Addresses are user-space (< 2^47) so negative always means -errno.
+  if (r < 0n) checkErrno(r, what);
+}
+
+/** munmap(2). The mapping's Buffer must not be used afterwards. */
+export function munmap(m: Mapping): void {
+  checkErrno(callI64('vblk', 'vblk_munmap', [arg.i64(m.address), arg.i64(m.length)]), `munmap ${m.length} bytes`);
+}
+
+/** eventfd(2) (EFD_CLOEXEC is always added). Read and write it with `fs` (8-byte LE counters). */
+export function eventfd(initval = 0, flags = 0): number {
+  return checkErrno(callI64('vblk', 'vblk_eventfd', [arg.i32(initval), arg.i32(flags)]), 'create an eventfd');
+}

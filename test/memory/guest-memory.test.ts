@@ -1,0 +1,139 @@
+import { expect } from 'chai';
+import { GuestMemory, guestAddress, addressFromHalves } from '../../src/memory/guest-memory';
+import { isVblkError } from '../../src/errors';
+
+function expectMemoryError(fn: () => unknown): void {
+  let caught: unknown;
+  try {
+    fn();
+  } catch (e) {
+    caught = e;
+  }
+  expect(isVblkError(caught, 'E_VIRTIO_MEMORY'), `expected E_VIRTIO_MEMORY, got ${String(caught)}`).to.equal(true);
+}
+
+describe('GuestMemory', () => {
+  // Two adjacent regions [0x1000, 0x2000) and [0x2000, 0x3000), and one apart at 0x10000.
+  function make(): { mem: GuestMemory; a: Buffer; b: Buffer; c: Buffer } {
+    const a = Buffer.alloc(0x1000, 0xaa);
+    const b = Buffer.alloc(0x1000, 0xbb);
+    const c = Buffer.alloc(0x100, 0xcc);
+    const mem = new GuestMemory([
+      { guestAddr: 0x10000, buffer: c },
+      { guestAddr: 0x2000, buffer: b },
+      { guestAddr: 0x1000, buffer: a },
+    ]);
+    return { mem, a, b, c };
+  }
+
+  it('sorts regions and reports the total size', () => {
+    const { mem } = make();
+    expect(mem.regions.map((r) => r.guestAddr)).to.deep.equal([0x1000, 0x2000, 0x10000]);
+    expect(mem.size).to.equal(0x2100);
+  });
+
+  it('rejects overlapping regions at construction', () => {
+    expect(() => new GuestMemory([
+      { guestAddr: 0x1000, buffer: Buffer.alloc(0x1000) },
+      { guestAddr: 0x1fff, buffer: Buffer.alloc(0x10) },
+    ])).to.throw(RangeError, /overlaps/);
+  });
+
+  it('rejects regions ending above 2^53 and negative addresses', () => {
+    expect(() => new GuestMemory([{ guestAddr: Number.MAX_SAFE_INTEGER - 4, buffer: Buffer.alloc(16) }])).to.throw(RangeError);
+    expect(() => new GuestMemory([{ guestAddr: -1, buffer: Buffer.alloc(16) }])).to.throw(RangeError);
+  });
+
+  it('slice() returns a zero-copy view aliasing the region buffer', () => {
+    const { mem, a } = make();
+    const v = mem.slice(0x1010, 4);
+    v[0] = 0x11;
+    expect(a[0x10]).to.equal(0x11);
+    expect(v.buffer).to.equal(a.buffer);
+  });
+
+  it('slice() refuses a range crossing a region boundary and ranges outside memory', () => {
+    const { mem } = make();
+    expectMemoryError(() => mem.slice(0x1ffe, 4));
+    expectMemoryError(() => mem.slice(0x3000, 1));
+    expectMemoryError(() => mem.slice(0x0fff, 2));
+    expectMemoryError(() => mem.slice(0x100ff, 2));
+  });
+
+  it('gather() splits a range across adjacent regions without copying', () => {
+    const { mem, a, b } = make();
+    const parts = mem.gather(0x1ffe, 4);
+    expect(parts.map((p) => p.length)).to.deep.equal([2, 2]);
+    expect(parts[0]?.buffer).to.equal(a.buffer);
+    expect(parts[1]?.buffer).to.equal(b.buffer);
+  });
+
+  it('gather() refuses a range that runs into a hole', () => {
+    const { mem } = make();
+    expectMemoryError(() => mem.gather(0x2ff0, 0x20));
+  });
+
+  it('little-endian helpers read and write, also across a region boundary', () => {
+    const { mem, a, b } = make();
+    mem.writeU32(0x1ffe, 0x11223344);
+    expect(a[0xffe]).to.equal(0x44);
+    expect(a[0xfff]).to.equal(0x33);
+    expect(b[0]).to.equal(0x22);
+    expect(b[1]).to.equal(0x11);
+    expect(mem.readU32(0x1ffe)).to.equal(0x11223344);
+    mem.writeU16(0x2010, 0xbeef);
+    expect(mem.readU16(0x2010)).to.equal(0xbeef);
+    mem.writeU64(0x2020, 0x0102030405060708n);
+    expect(mem.readU64(0x2020)).to.equal(0x0102030405060708n);
+    mem.writeU8(0x10000, 7);
+    expect(mem.readU8(0x10000)).to.equal(7);
+  });
+
+  it('readInto/writeFrom copy across regions and check the whole range before writing', () => {
+    const { mem, a } = make();
+    const src = Buffer.from([1, 2, 3, 4, 5, 6]);
+    mem.writeFrom(0x1ffd, src);
+    expect(mem.read(0x1ffd, 6)).to.deep.equal(src);
+    const before = Buffer.from(a);
+    expectMemoryError(() => mem.writeFrom(0x2ffe, src));
+    expect(a.equals(before)).to.equal(true);
+  });
+
+  it('isValidRange() answers without throwing', () => {
+    const { mem } = make();
+    expect(mem.isValidRange(0x1000, 0x2000)).to.equal(true);
+    expect(mem.isValidRange(0x1000, 0x2001)).to.equal(false);
+    expect(mem.isValidRange(-1, 1)).to.equal(false);
+    expect(mem.isValidRange(0x10000, 0x100)).to.equal(true);
+  });
+
+  it('zero-length accesses are valid anywhere and touch nothing', () => {
+    const { mem } = make();
+    expect(mem.slice(0xdead0000, 0).length).to.equal(0);
+    expect(mem.gather(0xdead0000, 0)).to.deep.equal([]);
+  });
+
+  it('rejects non-integer and negative addresses', () => {
+    const { mem } = make();
+    expectMemoryError(() => mem.slice(4096.5, 1));
+    expectMemoryError(() => mem.slice(-4, 1));
+    expectMemoryError(() => mem.readU32(Number.MAX_SAFE_INTEGER + 2));
+  });
+});
+
+describe('guestAddress() / addressFromHalves()', () => {
+  it('converts in-range u64 addresses to numbers', () => {
+    expect(guestAddress(0x1234n, 16)).to.equal(0x1234);
+    expect(addressFromHalves(0x5678, 0x12)).to.equal(0x12_0000_5678);
+  });
+
+  it('rejects addresses whose range wraps past 2^64', () => {
+    expectMemoryError(() => guestAddress((1n << 64n) - 8n, 16));
+  });
+
+  it('rejects addresses above 2^53', () => {
+    expectMemoryError(() => guestAddress(1n << 53n, 1));
+    expect(addressFromHalves(0, 0x20_0000)).to.equal(-1);
+    expect(addressFromHalves(0xffffffff, 0xffffffff)).to.equal(-1);
+  });
+});
