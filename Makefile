@@ -4,7 +4,7 @@ NODE_MODULES := node_modules/.package-lock.json
 NATIVE_SRC := $(wildcard native-bindings/*.c)
 NATIVE_LIB := build/native/libvblk.so
 
-.PHONY: all build deps test demo bench fuzz clean native apt-qemu-utils apt-qemu-system
+.PHONY: all build deps test demo bench fuzz clean native guest-kvm apt-qemu-utils apt-qemu-system
 
 all: build
 
@@ -32,7 +32,18 @@ $(NATIVE_LIB): $(NATIVE_SRC)
 
 native: $(NATIVE_LIB)
 
-build: deps native
+# KVM test guest (issue 5): freestanding C -> flat binary loaded at 0x10000 by src/kvm/run-guest.ts.
+GUEST_KVM := build/guest-kvm/blk-guest.bin
+GUEST_KVM_CFLAGS := -m64 -O2 -ffreestanding -fno-pic -fno-pie -no-pie -nostdlib -static -mno-red-zone \
+  -mgeneral-regs-only -fno-stack-protector -fno-asynchronous-unwind-tables -fcf-protection=none -Wall -Wextra
+$(GUEST_KVM): guest/blk-guest.c guest/guest.ld
+	@mkdir -p build/guest-kvm
+	cc $(GUEST_KVM_CFLAGS) -T guest/guest.ld -Wl,--build-id=none -o build/guest-kvm/blk-guest.elf guest/blk-guest.c
+	objcopy -O binary build/guest-kvm/blk-guest.elf $@
+
+guest-kvm: $(GUEST_KVM)
+
+build: deps native guest-kvm
 	npx tsc -p tsconfig.json
 
 test: build apt-qemu-system

@@ -8,6 +8,13 @@ import { Vm } from './vm';
 /** Default KVM device node. */
 export const KVM_DEVICE = '/dev/kvm';
 
+/** Throws E_KVM "Cannot use DEV: KVM API version N, vblk needs 12" unless `version` is 12. */
+export function checkKvmApiVersion(version: number, device = KVM_DEVICE): void {
+  if (version !== KVM_API_VERSION) {
+    throw new TransportError('E_KVM', `Cannot use ${device}: KVM API version ${version}, vblk needs ${KVM_API_VERSION}`, { device, reason: 'api', version });
+  }
+}
+
 /** Why KVM cannot be used here, or null when it can (for tests that skip with a reason). */
 export function kvmUnavailableReason(device = KVM_DEVICE): string | null {
   try {
@@ -63,21 +70,13 @@ export class Kvm {
       close(fd);
       throw new TransportError('E_KVM', `Cannot use ${device}: KVM_GET_API_VERSION failed (${e instanceof Error ? e.message : String(e)})`, { device, reason: 'api' }, { cause: e });
     }
-    const kvm = new Kvm(fd, version);
     try {
-      kvm.checkApiVersion(version, device);
+      checkKvmApiVersion(version, device);
     } catch (e) {
-      kvm.close();
+      close(fd);
       throw e;
     }
-    return kvm;
-  }
-
-  /** Throws E_KVM unless `version` is the stable API version 12. */
-  checkApiVersion(version: number, device = KVM_DEVICE): void {
-    if (version !== KVM_API_VERSION) {
-      throw new TransportError('E_KVM', `Cannot use ${device}: KVM API version ${version}, vblk needs ${KVM_API_VERSION}`, { device, reason: 'api', version });
-    }
+    return new Kvm(fd, version);
   }
 
   /** KVM_CHECK_EXTENSION: 0 when absent, otherwise a capability-specific positive value. */

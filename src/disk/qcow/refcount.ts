@@ -149,6 +149,12 @@ export class RefcountManager {
   readonly #maxCached: number;
   /** Lowest cluster index that may be free. */
   #freeHint = 0;
+  /**
+   * Where the search for a run of several clusters starts. Kept apart from `#freeHint` so that a
+   * single free hole low in the file does not make every multi-cluster allocation rescan the
+   * whole image.
+   */
+  #runHint = 0;
   /** Called after the table moved (offset, clusters), so the owner can update its header copy. */
   onTableMoved: ((offset: number, clusters: number) => void) | undefined;
 
@@ -280,7 +286,7 @@ export class RefcountManager {
     }
     setRefcount(b.data, idx, this.order, next);
     b.dirty = true;
-    if (next === 0 && cluster < this.#freeHint) this.#freeHint = cluster;
+    if (next === 0) this.#noteFree(cluster);
     return next;
   }
 
@@ -290,7 +296,12 @@ export class RefcountManager {
     if (!b) throw new DiskError('E_QCOW_CORRUPT', `Cannot set refcount of cluster ${cluster}: no refcount block covers it`);
     setRefcount(b.data, cluster % this.rbEntries, this.order, value);
     b.dirty = true;
-    if (value === 0 && cluster < this.#freeHint) this.#freeHint = cluster;
+    if (value === 0) this.#noteFree(cluster);
+  }
+
+  #noteFree(cluster: number): void {
+    if (cluster < this.#freeHint) this.#freeHint = cluster;
+    if (cluster < this.#runHint) this.#runHint = cluster;
   }
 
   /** Decrements the refcount of every cluster in `[offset, offset + bytes)` by one. */
@@ -306,9 +317,10 @@ export class RefcountManager {
    */
   async allocate(count: number): Promise<number> {
     if (!Number.isSafeInteger(count) || count < 1) throw new RangeError(`cluster count must be positive, got ${count}`);
-    let start = this.#freeHint;
+    const from = count === 1 ? this.#freeHint : Math.max(this.#freeHint, this.#runHint);
+    let start = from;
     let run = 0;
-    for (let c = this.#freeHint; run < count; c++) {
+    for (let c = from; run < count; c++) {
       if ((c + 1) * this.clusterSize > MAX_HOST_OFFSET) {
         throw new DiskError('E_DISK_IO', `Cannot allocate ${count} clusters: the image would grow past ${hex(MAX_HOST_OFFSET)}`);
       }
@@ -327,6 +339,7 @@ export class RefcountManager {
     }
     for (let c = start; c < start + count; c++) await this.adjust(c, 1);
     if (start === this.#freeHint) this.#freeHint = start + count;
+    if (count > 1) this.#runHint = start + count;
     return start * this.clusterSize;
   }
 
@@ -436,5 +449,6 @@ export class RefcountManager {
   /** Restarts the free-cluster search from cluster 0 (after a repair). */
   resetHint(): void {
     this.#freeHint = 0;
+    this.#runHint = 0;
   }
 }

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Builds build/guest/{vmlinuz,initramfs.gz} for the e2e tests, the guest demo and the guest bench:
+# a Debian cloud kernel (linux-image-cloud-amd64, fetched with `apt-get download` and unpacked with
+# `dpkg -x`) and an initramfs holding busybox-static, e2fsprogs and fio (binaries plus every shared
+# library `ldd` lists), the virtio modules, and an /init that runs the workload named on the kernel
+# command line (`vblk.run=NAME`, see scripts/guest/workloads/) and prints its results on the
+# serial console between `VBLK-BEGIN` and `VBLK-END` markers.
+#
+# Idempotent and cached: nothing is done when build/guest/initramfs.gz is newer than this script
+# and scripts/guest/. Run as root (it may apt-get install busybox-static, fio, e2fsprogs).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="$ROOT/build/guest"
+SRC="$ROOT/scripts/guest"
+STAMP="$OUT/initramfs.gz"
+
+if [[ -f "$STAMP" && -f "$OUT/vmlinuz" && "${VBLK_GUEST_REBUILD:-0}" != 1 ]]; then
+  newer=$(find "$0" "$SRC" -newer "$STAMP" -print -quit)
+  if [[ -z "$newer" ]]; then
+    echo "build/guest is up to date"
+    exit 0
+  fi
+fi
+
+need_pkgs=()
+command -v busybox >/dev/null || need_pkgs+=(busybox-static)
+command -v fio >/dev/null || need_pkgs+=(fio)
+command -v mkfs.ext4 >/dev/null || need_pkgs+=(e2fsprogs)
+command -v objcopy >/dev/null || need_pkgs+=(binutils)
+if ((${#need_pkgs[@]})); then
+  echo "installing ${need_pkgs[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+if ! busybox --list | grep -qx cpio; then
+  echo "busybox has no cpio applet; cannot build the initramfs" >&2
+  exit 1
+fi
+
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT"
+
+# ---- kernel -------------------------------------------------------------------------------
+echo "fetching linux-image-cloud-amd64"
+(
+  cd "$WORK"
+  meta=linux-image-cloud-amd64
+  [[ -n "$(apt-cache policy "$meta" | awk '/Candidate/{print $2}' | grep -v none || true)" ]] || apt-get update -qq
+  image=$(apt-cache depends "$meta" | awk '/Depends: linux-image-/{print $2; exit}')
+  [[ -n "$image" ]] || { echo "cannot resolve $meta to a kernel package" >&2; exit 1; }
+  apt-get download -qq "$image" 2>/dev/null || { apt-get update -qq && apt-get download -qq "$image"; }
+  mkdir kernel
+  dpkg -x ./*.deb kernel
+)
+KDIR="$WORK/kernel"
+VMLINUZ=$(ls "$KDIR"/boot/vmlinuz-* | head -1)
+KVER=$(basename "$VMLINUZ" | sed 's/^vmlinuz-//')
+MODDIR="$KDIR/lib/modules/$KVER"
+
+# ---- initramfs tree -------------------------------------------------------------------------
+R="$WORK/root"
+mkdir -p "$R"/{bin,sbin,dev,proc,sys,tmp,mnt,etc,lib/modules,workloads}
+cp "$(command -v busybox)" "$R/bin/busybox"
+
+# Modules, in load order. A driver built into this kernel (listed in modules.builtin) is skipped.
+MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)
+: > "$R/etc/modules"
+for m in "${MODULES[@]}"; do
+  f=$(find "$MODDIR/kernel" -name "$m.ko*" | head -1)
+  if [[ -z "$f" ]]; then
+    if grep -q "/$m.ko" "$MODDIR/modules.builtin"; then continue; fi
+    echo "module $m is neither built in nor shipped by $KVER" >&2
+    exit 1
+  fi
+  case "$f" in
+    *.ko.xz) xz -dc "$f" > "$R/lib/modules/$m.ko" ;;
+    *.ko.zst) zstd -qdc "$f" > "$R/lib/modules/$m.ko" ;;
+    *) cp "$f" "$R/lib/modules/$m.ko" ;;
+  esac
+  echo "$m" >> "$R/etc/modules"
+done
+
+# Binaries and their libraries (ldd's list, including the dynamic loader).
+copy_bin() {
+  local bin="$1" dst="$2"
+  install -D -m 0755 "$bin" "$R$dst"
+  ldd "$bin" | awk '/=>/ {print $3} /^\t\// {print $1}' | while read -r lib; do
+    [[ -n "$lib" && -e "$lib" ]] || continue
+    [[ -e "$R$lib" ]] || install -D -m 0755 "$(readlink -f "$lib")" "$R$lib"
+  done
+}
+copy_bin "$(command -v fio)" /usr/bin/fio
+for t in mke2fs e2fsck; do copy_bin "$(command -v $t)" "/sbin/$t"; done
+ln -sf mke2fs "$R/sbin/mkfs.ext4"
+ln -sf e2fsck "$R/sbin/fsck.ext4"
+# x86-64 loader path used by every binary.
+[[ -e "$R/lib64/ld-linux-x86-64.so.2" ]] || install -D /lib64/ld-linux-x86-64.so.2 "$R/lib64/ld-linux-x86-64.so.2"
+
+cp "$SRC/init" "$R/init"
+chmod 0755 "$R/init"
+cp "$SRC"/workloads/*.sh "$R/workloads/"
+chmod 0755 "$R"/workloads/*.sh
+
+echo "packing initramfs ($(du -sh "$R" | cut -f1) unpacked)"
+(cd "$R" && find . | busybox cpio -o -H newc 2>/dev/null) | gzip -1 > "$WORK/initramfs.gz"
+cp "$VMLINUZ" "$OUT/vmlinuz"
+echo "$KVER" > "$OUT/kernel-version"
+mv "$WORK/initramfs.gz" "$STAMP"
+echo "built $OUT (kernel $KVER, initramfs $(du -h "$STAMP" | cut -f1))"

@@ -1,0 +1,292 @@
+/**
+ * Device bench: how much the virtio-blk device (queue + request parsing + used ring) adds on top
+ * of the disk layer. Each row runs one I/O pattern twice on the same DiskImage: once through the
+ * simulated virtqueue driver and the device, once straight on the disk layer, with the same
+ * offsets and the same queue depth, and prints both throughputs and their ratio.
+ *
+ * Standalone: `node build/src/bench/device.js IMAGE [--seconds S] [--readonly]` (write rows
+ * overwrite data in IMAGE, like `qemu-img bench -w`).
+ */
+import { GuestMemory } from '../memory/guest-memory';
+import type { DiskImage } from '../disk/disk-image';
+import { openDiskImage } from '../disk/open';
+import { VirtioBlkDevice } from '../virtio/blk';
+import { MockVirtqueue } from '../virtio/mock-driver';
+import { VIRTIO_F } from '../virtio/device';
+import { VIRTQ_DESC_F } from '../virtio/chain';
+import { VIRTIO_BLK_T, VIRTIO_BLK_S } from '../virtio/blk-config';
+
+export interface DeviceBenchOptions {
+  /** Image to open (ignored when `disk` is given). */
+  readonly image?: string;
+  /** An already open disk (not closed by the bench). */
+  readonly disk?: DiskImage;
+  /** Seconds per measurement (each row measures twice: device and disk). Default 1. */
+  readonly seconds?: number;
+  /** Skip the write rows. Default: true when the disk is read-only. */
+  readonly readonly?: boolean;
+  /** Only run rows whose name includes this string. */
+  readonly filter?: string;
+}
+
+export interface Throughput {
+  readonly requests: number;
+  readonly seconds: number;
+  readonly iops: number;
+  readonly mbps: number;
+}
+
+export interface DeviceBenchRow {
+  readonly name: string;
+  readonly write: boolean;
+  readonly blockSize: number;
+  readonly queueDepth: number;
+  readonly sequential: boolean;
+  readonly device: Throughput;
+  readonly disk: Throughput;
+  /** disk IOPS / device IOPS: 1.25 means the device adds 25 % per request. */
+  readonly ratio: number;
+}
+
+interface Pattern {
+  readonly name: string;
+  readonly write: boolean;
+  readonly bs: number;
+  readonly qd: number;
+  readonly seq: boolean;
+}
+
+const PATTERNS: readonly Pattern[] = [
+  { name: '4k randread qd1', write: false, bs: 4096, qd: 1, seq: false },
+  { name: '4k randread qd32', write: false, bs: 4096, qd: 32, seq: false },
+  { name: '4k randread qd128', write: false, bs: 4096, qd: 128, seq: false },
+  { name: '4k randwrite qd1', write: true, bs: 4096, qd: 1, seq: false },
+  { name: '4k randwrite qd32', write: true, bs: 4096, qd: 32, seq: false },
+  { name: '4k randwrite qd128', write: true, bs: 4096, qd: 128, seq: false },
+  { name: '64k seqread qd32', write: false, bs: 65536, qd: 32, seq: true },
+  { name: '64k seqwrite qd32', write: true, bs: 65536, qd: 32, seq: true },
+];
+
+/** Offsets (in sectors) for a pattern: random block-aligned, or sequential wrapping at the end. */
+class OffsetGen {
+  #x = 0x9e3779b9;
+  #next = 0;
+  readonly #blocks: number;
+  readonly #sectorsPerBlock: number;
+  readonly #seq: boolean;
+
+  constructor(diskBytes: number, bs: number, seq: boolean) {
+    this.#blocks = Math.max(1, Math.floor(diskBytes / bs));
+    this.#sectorsPerBlock = bs / 512;
+    this.#seq = seq;
+  }
+
+  next(): number {
+    if (this.#seq) {
+      const b = this.#next;
+      this.#next = (this.#next + 1) % this.#blocks;
+      return b * this.#sectorsPerBlock;
+    }
+    let x = this.#x;
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    this.#x = x >>> 0;
+    return (this.#x % this.#blocks) * this.#sectorsPerBlock;
+  }
+}
+
+function throughput(requests: number, ns: bigint, bs: number): Throughput {
+  const seconds = Number(ns) / 1e9;
+  return { requests, seconds, iops: requests / seconds, mbps: (requests * bs) / seconds / 1e6 };
+}
+
+/** The pattern straight on the disk layer: `qd` workers, each keeping one request in flight. */
+async function runDisk(disk: DiskImage, p: Pattern, seconds: number): Promise<Throughput> {
+  const gen = new OffsetGen(disk.size, p.bs, p.seq);
+  const deadline = process.hrtime.bigint() + BigInt(Math.round(seconds * 1e9));
+  let done = 0;
+  const start = process.hrtime.bigint();
+  const worker = async (): Promise<void> => {
+    const buf = Buffer.alloc(p.bs, 0x5a);
+    while (process.hrtime.bigint() < deadline) {
+      const s = gen.next();
+      if (p.write) await disk.writeSector(s, buf);
+      else await disk.readSector(s, buf);
+      done++;
+    }
+  };
+  await Promise.all(Array.from({ length: p.qd }, worker));
+  return throughput(done, process.hrtime.bigint() - start, p.bs);
+}
+
+/**
+ * The pattern through the device: a lean guest that keeps `qd` requests in flight, each an
+ * indirect chain (header, data, status) in a preallocated slot, refilled from the interrupt.
+ */
+async function runDevice(disk: DiskImage, p: Pattern, seconds: number): Promise<Throughput> {
+  const qsize = Math.max(256, p.qd);
+  const slotBytes = 64 + p.bs + 4096;
+  const ramBase = 0x100000;
+  const ringsBytes = MockVirtqueue.footprint(qsize) + 8192;
+  const ram = Buffer.alloc(ringsBytes + p.qd * slotBytes + 4096);
+  const memory = new GuestMemory([{ guestAddr: ramBase, buffer: ram }]);
+  const dev = new VirtioBlkDevice(disk, { queueSize: qsize, readonly: !p.write });
+  if (!dev.setDriverFeatures(dev.deviceFeatures)) throw new Error('bench: feature negotiation failed');
+  const q = new MockVirtqueue(memory, qsize, ramBase);
+  const gen = new OffsetGen(disk.size, p.bs, p.seq);
+  const slotBase = Math.ceil((ramBase + ringsBytes) / 4096) * 4096;
+  // slot layout: [0,16) header, [16,64) indirect table (3 x 16), [64, 64+bs) data, then status
+  const heads: number[] = [];
+  const slotOfHead = new Map<number, number>();
+  for (let i = 0; i < p.qd; i++) {
+    const a = slotBase + i * slotBytes;
+    const table = a + 16;
+    const data = a + 64;
+    const status = data + p.bs;
+    memory.writeU32(a, p.write ? VIRTIO_BLK_T.OUT : VIRTIO_BLK_T.IN);
+    q.writeDescriptor(0, { addr: a, len: 16, flags: VIRTQ_DESC_F.NEXT, next: 1 }, table);
+    q.writeDescriptor(1, { addr: data, len: p.bs, flags: VIRTQ_DESC_F.NEXT | (p.write ? 0 : VIRTQ_DESC_F.WRITE), next: 2 }, table);
+    q.writeDescriptor(2, { addr: status, len: 1, flags: VIRTQ_DESC_F.WRITE, next: 0 }, table);
+    const [head] = q.allocDescriptors(1) as [number];
+    q.writeDescriptor(head, { addr: table, len: 48, flags: VIRTQ_DESC_F.INDIRECT, next: 0 });
+    heads.push(head);
+    slotOfHead.set(head, i);
+  }
+  const statusAddr = (slot: number): number => slotBase + slot * slotBytes + 64 + p.bs;
+  const sectorAddr = (slot: number): number => slotBase + slot * slotBytes + 8;
+  const deadlineNs = process.hrtime.bigint() + BigInt(Math.round(seconds * 1e9));
+  let done = 0;
+  let inFlight = 0;
+  let errors = 0;
+  let finish: () => void = () => undefined;
+  const finished = new Promise<void>((r) => {
+    finish = r;
+  });
+  const submit = (head: number): void => {
+    const slot = slotOfHead.get(head) as number;
+    memory.writeU64(sectorAddr(slot), BigInt(gen.next()));
+    q.publish(head);
+    inFlight++;
+  };
+  let kickPending = false;
+  const kick = (): void => {
+    kickPending = false;
+    dev.queueNotify(0);
+  };
+  const onInterrupt = (): void => {
+    const stop = process.hrtime.bigint() >= deadlineNs;
+    for (const u of q.reap()) {
+      inFlight--;
+      done++;
+      if (memory.readU8(statusAddr(slotOfHead.get(u.id) as number)) !== VIRTIO_BLK_S.OK) errors++;
+      if (!stop) submit(u.id);
+    }
+    if (inFlight === 0) finish();
+    else if (!kickPending) {
+      // The guest kicks after its interrupt handler returns, not from inside the device's call.
+      kickPending = true;
+      queueMicrotask(kick);
+    }
+  };
+  const hasEventIdx = (dev.driverFeatures & (1n << VIRTIO_F.EVENT_IDX)) !== 0n;
+  dev.startQueue(0, { memory, size: qsize, descTable: q.descTable, availRing: q.availRing, usedRing: q.usedRing, signalUsed: onInterrupt });
+  const start = process.hrtime.bigint();
+  for (const h of heads) submit(h);
+  if (hasEventIdx) q.setUsedEvent(0);
+  dev.queueNotify(0);
+  // With EVENT_IDX the guest must keep used_event current, or interrupts stop after the first.
+  const keepEvent = hasEventIdx ? setInterval(() => q.setUsedEvent(q.lastUsed), 1) : undefined;
+  await finished;
+  const ns = process.hrtime.bigint() - start;
+  if (keepEvent) clearInterval(keepEvent);
+  await dev.reset();
+  if (errors > 0) throw new Error(`bench: ${errors} requests failed through the device`);
+  return throughput(done, ns, p.bs);
+}
+
+/**
+ * Runs the device rows and returns them (also used by `make bench` through src/bench/main.ts).
+ *
+ * @example
+ *   const rows = await runDeviceBench({ image: '/tmp/bench.raw', seconds: 1 });
+ *   console.log(formatDeviceBench(rows));
+ */
+export async function runDeviceBench(opts: DeviceBenchOptions): Promise<DeviceBenchRow[]> {
+  let disk = opts.disk;
+  let close = false;
+  if (disk === undefined) {
+    if (opts.image === undefined) throw new RangeError('Cannot run the device bench: give an image path or a disk');
+    disk = await openDiskImage(opts.image, { readonly: opts.readonly === true });
+    close = true;
+  }
+  const seconds = opts.seconds ?? 1;
+  const ro = opts.readonly ?? disk.readonly;
+  const rows: DeviceBenchRow[] = [];
+  try {
+    for (const p of PATTERNS) {
+      if (p.write && ro) continue;
+      if (opts.filter !== undefined && !p.name.includes(opts.filter)) continue;
+      if (disk.size < p.bs * 16) continue;
+      // warm both paths once (JIT, page cache), then measure
+      await runDisk(disk, p, Math.min(0.2, seconds / 4));
+      await runDevice(disk, p, Math.min(0.2, seconds / 4));
+      const d = await runDisk(disk, p, seconds);
+      const v = await runDevice(disk, p, seconds);
+      rows.push({ name: p.name, write: p.write, blockSize: p.bs, queueDepth: p.qd, sequential: p.seq, device: v, disk: d, ratio: d.iops / v.iops });
+    }
+  } finally {
+    if (close) await disk.close();
+  }
+  return rows;
+}
+
+/** A plain-text table of the rows. */
+export function formatDeviceBench(rows: readonly DeviceBenchRow[]): string {
+  const lines = ['device bench (virtio-blk through the simulated virtqueue vs the disk layer alone)'];
+  lines.push(
+    ['pattern'.padEnd(20), 'device IOPS'.padStart(12), 'device MB/s'.padStart(12), 'disk IOPS'.padStart(12), 'disk MB/s'.padStart(12), 'disk/device'.padStart(12)].join(' '),
+  );
+  for (const r of rows) {
+    lines.push(
+      [
+        r.name.padEnd(20),
+        r.device.iops.toFixed(0).padStart(12),
+        r.device.mbps.toFixed(1).padStart(12),
+        r.disk.iops.toFixed(0).padStart(12),
+        r.disk.mbps.toFixed(1).padStart(12),
+        r.ratio.toFixed(2).padStart(12),
+      ].join(' '),
+    );
+  }
+  return lines.join('\n');
+}
+
+async function main(argv: string[]): Promise<void> {
+  const args = [...argv];
+  let seconds: number | undefined;
+  let readonly = false;
+  let filter: string | undefined;
+  let image: string | undefined;
+  while (args.length > 0) {
+    const a = args.shift() as string;
+    if (a === '--seconds') seconds = Number(args.shift());
+    else if (a === '--readonly') readonly = true;
+    else if (a === '--filter') filter = args.shift();
+    else image = a;
+  }
+  if (image === undefined) {
+    console.error('usage: node build/src/bench/device.js IMAGE [--seconds S] [--readonly] [--filter NAME]');
+    process.exitCode = 1;
+    return;
+  }
+  const rows = await runDeviceBench({ image, ...(seconds !== undefined ? { seconds } : {}), readonly, ...(filter !== undefined ? { filter } : {}) });
+  console.log(formatDeviceBench(rows));
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).catch((e: unknown) => {
+    console.error(e instanceof Error ? e.message : String(e));
+    process.exitCode = 1;
+  });
+}

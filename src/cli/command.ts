@@ -1,0 +1,32 @@
+/**
+ * The contract between `vblk` (src/cli/main.ts) and its commands: each command is one file in
+ * src/cli/commands/ exporting a `Command`; adding a command is that file plus one line in the
+ * table in main.ts.
+ */
+import { VblkError } from '../errors';
+
+/** Where a command writes; tests pass in-memory sinks. */
+export interface CliIO {
+  readonly stdout: { write(s: string): unknown; readonly isTTY?: boolean };
+  readonly stderr: { write(s: string): unknown; readonly isTTY?: boolean };
+}
+
+export interface Command {
+  /** `vblk <name>`. */
+  readonly name: string;
+  /** One line for `vblk --help`. */
+  readonly summary: string;
+  /** Usage text (after "usage: vblk "), printed on `--help` and usage errors. */
+  readonly usage: string;
+  /** Exit code when the command fails with an error (qemu-img: 1; compare: 2). */
+  readonly errorExitCode?: number;
+  /** Runs the command; resolves to the exit code. Errors thrown are printed as one line. */
+  run(argv: readonly string[], io: CliIO): Promise<number>;
+}
+
+/** A usage error (bad option, missing argument); printed as `vblk: <message>`. */
+export class UsageError extends VblkError {
+  constructor(message: string) {
+    super('E_USAGE', message);
+  }
+}

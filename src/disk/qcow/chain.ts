@@ -1,0 +1,52 @@
+/**
+ * Byte-granular reads through a backing chain.
+ *
+ * Every ops table in vblk's own formats keeps a `priv` that implements `ByteReader`, so an overlay
+ * reads its backing file at any byte offset (a backing file's size need not be a multiple of 512
+ * or of the overlay's cluster size), and bytes past the backing file's end read as zeroes
+ * (qcow2.rst: "the backing file is shorter than the image: the rest reads as zeroes").
+ */
+import type { DiskImage } from '../disk-image';
+import type { BlockStatus } from '../types';
+import { SECTOR_SIZE } from '../types';
+
+/** Implemented by the private state of raw, qcow and qcow2 images. */
+export interface ByteReader {
+  /** Fills `buf` with the virtual contents at `offset`; bytes past the virtual size read as zero. */
+  readAt(offset: number, buf: Uint8Array): Promise<void>;
+}
+
+function isByteReader(p: unknown): p is ByteReader {
+  return typeof p === 'object' && p !== null && typeof (p as { readAt?: unknown }).readAt === 'function';
+}
+
+/**
+ * Reads `buf.length` bytes at byte `offset` of `disk`; the part past `disk.size` reads as zeroes.
+ * Uses the image's `ByteReader` when it has one, else sector reads through a bounce buffer.
+ */
+export async function readBytesAt(disk: DiskImage, offset: number, buf: Uint8Array): Promise<void> {
+  if (isByteReader(disk.priv)) return disk.priv.readAt(offset, buf);
+  const inside = Math.max(0, Math.min(buf.length, disk.size - offset));
+  if (inside < buf.length) buf.fill(0, inside);
+  if (inside === 0) return;
+  const first = Math.floor(offset / SECTOR_SIZE);
+  const last = Math.ceil((offset + inside) / SECTOR_SIZE);
+  const lastWhole = Math.min(last, disk.sectors);
+  if (offset % SECTOR_SIZE === 0 && inside % SECTOR_SIZE === 0) {
+    await disk.readSector(first, buf.subarray(0, inside));
+    return;
+  }
+  const bounce = new Uint8Array((last - first) * SECTOR_SIZE);
+  if (lastWhole > first) await disk.readSector(first, bounce.subarray(0, (lastWhole - first) * SECTOR_SIZE));
+  const skip = offset - first * SECTOR_SIZE;
+  buf.set(bounce.subarray(skip, skip + inside), 0);
+}
+
+/**
+ * Block status of `disk` at `offset` as seen from an overlay `depth` levels above it; past the
+ * backing file's end the range is "not present, zero" at the overlay's own depth (as qemu-img map).
+ */
+export async function backingStatus(disk: DiskImage, offset: number, length: number, depth: number): Promise<BlockStatus> {
+  const s = await disk.blockStatus(offset, length);
+  return { ...s, depth: s.depth + depth };
+}

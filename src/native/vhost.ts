@@ -1,0 +1,159 @@
+/**
+ * Typed wrappers over the vhost-user part of the native shim (`native-bindings/vhost_shim.c`):
+ * Unix sockets whose descriptors we own, recvmsg/sendmsg with SCM_RIGHTS, and a readiness
+ * `Poller` (one native epoll thread per server, events delivered to Node through a pipe).
+ *
+ * None of this is on the per-request path: a guest kick reaches JavaScript as a 4-byte token on
+ * the poller's pipe (read by an ordinary net.Socket), guest memory is a zero-copy Buffer, and the
+ * call eventfds are written with `fs.writeSync`. FFI calls happen only for protocol messages
+ * (a few dozen per connection) and (de)registration of descriptors.
+ */
+import * as net from 'node:net';
+import { arg, callI64, checkErrno } from './library';
+import { TransportError } from '../errors';
+
+const EAGAIN = 11;
+/** Most descriptors one vhost-user message may carry (SET_MEM_TABLE: 8 regions). */
+export const MAX_MESSAGE_FDS = 16;
+
+function errnoOf(r: bigint): number {
+  return r < 0n ? Number(-r) : 0;
+}
+
+/**
+ * Creates a non-blocking listening Unix socket bound to `path` (which must not exist).
+ * @returns the listening fd (close it with `fs.closeSync`).
+ */
+export function listenUnix(path: string, backlog = 1): number {
+  return checkErrno(callI64('vblk', 'vblk_vu_listen', [arg.string(path), arg.i32(backlog)]), `listen on ${path}`);
+}
+
+/** Accepts one pending connection (non-blocking); undefined when none is waiting. */
+export function acceptConnection(listenFd: number): number | undefined {
+  const r = callI64('vblk', 'vblk_vu_accept', [arg.i32(listenFd)]);
+  if (errnoOf(r) === EAGAIN) return undefined;
+  return checkErrno(r, `accept on fd ${listenFd}`);
+}
+
+/** Connects a blocking Unix stream socket to `path` (tests use it to play the front-end). */
+export function connectUnix(path: string): number {
+  return checkErrno(callI64('vblk', 'vblk_vu_connect', [arg.string(path)]), `connect to ${path}`);
+}
+
+/** One recvmsg result: bytes read into the caller's buffer and the descriptors that came with them. */
+export interface Received {
+  /** 0 means the peer closed the connection. */
+  readonly bytes: number;
+  readonly fds: number[];
+}
+
+/**
+ * Non-blocking recvmsg into `buf`; undefined when nothing is ready (EAGAIN).
+ * Received descriptors are close-on-exec and now belong to the caller.
+ * @throws TransportError E_NATIVE on a socket error (ECONNRESET…) or truncated ancillary data.
+ */
+export function receiveWithFds(fd: number, buf: Buffer): Received | undefined {
+  const fdBuf = Buffer.alloc(4 * MAX_MESSAGE_FDS);
+  const countBuf = Buffer.alloc(4);
+  const r = callI64('vblk', 'vblk_vu_recv', [
+    arg.i32(fd),
+    arg.buffer(buf),
+    arg.i64(buf.length),
+    arg.buffer(fdBuf),
+    arg.i32(MAX_MESSAGE_FDS),
+    arg.buffer(countBuf),
+  ]);
+  if (errnoOf(r) === EAGAIN) return undefined;
+  const bytes = checkErrno(r, `receive on fd ${fd}`);
+  const n = countBuf.readInt32LE(0);
+  const fds: number[] = [];
+  for (let i = 0; i < n && i < MAX_MESSAGE_FDS; i++) fds.push(fdBuf.readInt32LE(4 * i));
+  return { bytes, fds };
+}
+
+/** Sends all of `buf` with `fds` attached (SCM_RIGHTS); no SIGPIPE. */
+export function sendWithFds(fd: number, buf: Uint8Array, fds: readonly number[] = []): void {
+  if (fds.length > MAX_MESSAGE_FDS) throw new RangeError(`too many descriptors: ${fds.length}`);
+  const fdBuf = Buffer.alloc(4 * Math.max(1, fds.length));
+  fds.forEach((f, i) => fdBuf.writeInt32LE(f, 4 * i));
+  checkErrno(
+    callI64('vblk', 'vblk_vu_send', [arg.i32(fd), arg.buffer(buf), arg.i64(buf.length), arg.buffer(fdBuf), arg.i32(fds.length)]),
+    `send on fd ${fd}`,
+  );
+}
+
+/** How the poller treats a descriptor: drain an eventfd counter, or report a socket once. */
+export type PollMode = 'eventfd' | 'oneshot';
+
+/**
+ * Readiness notifications for raw descriptors, delivered on the event loop.
+ *
+ * An `eventfd` registration (kick fds) is drained by the native thread and reported once per
+ * wake-up; a `oneshot` registration (sockets) is reported once and stays silent until `rearm`.
+ * Tokens are caller-chosen u32s; a token that arrives after `remove` is simply a stale token
+ * (the caller ignores unknown tokens), and after `remove` returns the native thread never touches
+ * the fd again, so it may be closed at once.
+ *
+ * @example
+ *   const p = new Poller((token) => console.log('ready', token));
+ *   p.add(kickFd, 7, 'eventfd');
+ *   ...
+ *   p.remove(kickFd); fs.closeSync(kickFd); p.close();
+ */
+export class Poller {
+  readonly #id: number;
+  readonly #pipe: net.Socket;
+  #rest: Buffer = Buffer.alloc(0);
+  #closed = false;
+
+  /** @param onToken called on the event loop for every readiness token. */
+  constructor(onToken: (token: number) => void) {
+    this.#id = checkErrno(callI64('vblk', 'vblk_poller_create', []), 'create a poller thread');
+    const pipeFd = checkErrno(callI64('vblk', 'vblk_poller_pipe', [arg.i32(this.#id)]), 'get the poller pipe');
+    this.#pipe = new net.Socket({ fd: pipeFd, readable: true, writable: false });
+    this.#pipe.on('data', (chunk: Buffer) => {
+      let data = this.#rest.length > 0 ? Buffer.concat([this.#rest, chunk]) : chunk;
+      const whole = data.length - (data.length % 4);
+      for (let off = 0; off < whole; off += 4) onToken(data.readUInt32LE(off));
+      this.#rest = whole === data.length ? Buffer.alloc(0) : Buffer.from(data.subarray(whole));
+      data = this.#rest;
+    });
+    this.#pipe.on('error', () => {
+      // The pipe only fails when the poller is being destroyed.
+    });
+  }
+
+  /** Starts watching `fd`. */
+  add(fd: number, token: number, mode: PollMode): void {
+    this.#checkOpen();
+    checkErrno(
+      callI64('vblk', 'vblk_poller_add', [arg.i32(this.#id), arg.i32(fd), arg.i32(token >>> 0), arg.i32(mode === 'eventfd' ? 1 : 2)]),
+      `watch fd ${fd}`,
+    );
+  }
+
+  /** Re-enables a `oneshot` registration after its descriptor has been drained. */
+  rearm(fd: number, token: number): void {
+    this.#checkOpen();
+    checkErrno(callI64('vblk', 'vblk_poller_rearm', [arg.i32(this.#id), arg.i32(fd), arg.i32(token >>> 0)]), `re-arm fd ${fd}`);
+  }
+
+  /** Stops watching `fd` (no-op when it is not watched). */
+  remove(fd: number): void {
+    if (this.#closed) return;
+    const r = callI64('vblk', 'vblk_poller_del', [arg.i32(this.#id), arg.i32(fd)]);
+    if (r < 0n && errnoOf(r) !== 2 /* ENOENT */) checkErrno(r, `stop watching fd ${fd}`);
+  }
+
+  /** Stops the native thread and closes the pipe. Idempotent. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    checkErrno(callI64('vblk', 'vblk_poller_destroy', [arg.i32(this.#id)]), 'stop the poller thread');
+    this.#pipe.destroy();
+  }
+
+  #checkOpen(): void {
+    if (this.#closed) throw new TransportError('E_NATIVE', 'Cannot use the poller: it is closed');
+  }
+}

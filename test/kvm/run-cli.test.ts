@@ -1,0 +1,95 @@
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { expect } from 'chai';
+import { main } from '../../src/cli/main';
+import { checkKvmApiVersion, kvmUnavailableReason } from '../../src/kvm/kvm';
+import { defaultGuestImage } from '../../src/kvm/run-guest';
+
+const CLI = path.resolve(__dirname, '..', '..', 'src', 'cli', 'main.js');
+
+async function vblk(argv: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  let stdout = '';
+  let stderr = '';
+  const code = await main(argv, { stdout: { write: (s: string) => (stdout += s) }, stderr: { write: (s: string) => (stderr += s) } });
+  return { code, stdout, stderr };
+}
+
+describe('vblk run', function () {
+  this.timeout(120000);
+
+  describe('when KVM is unusable', function () {
+    it('a missing device: exit 2 and exactly one error line', async function () {
+      const r = await vblk(['run', '--kvm', '/nonexistent/kvm']);
+      expect(r.code).to.equal(2);
+      expect(r.stderr).to.equal('vblk: Cannot open /nonexistent/kvm: it does not exist (KVM is not available on this host)\n');
+      expect(r.stdout).to.equal('');
+    });
+
+    it('no permission on /dev/kvm: exit 2 and one line that says so', function () {
+      const setpriv = spawnSync('setpriv', ['--version'], { stdio: 'ignore' }).status === 0;
+      if (process.getuid?.() !== 0 || !setpriv || !fs.existsSync('/dev/kvm') || (fs.statSync('/dev/kvm').mode & 0o006) !== 0) {
+        console.log('      skip: needs root, setpriv and a /dev/kvm that "nobody" cannot open, to run the command as "nobody"');
+        this.skip();
+      }
+      const r = spawnSync('setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath, CLI, 'run'], { encoding: 'utf8' });
+      expect(r.status).to.equal(2);
+      expect(r.stderr).to.equal("vblk: Cannot open /dev/kvm: permission denied (run as a user in the group that owns /dev/kvm, usually 'kvm')\n");
+    });
+
+    it('an API version other than 12 is one clear E_KVM error', function () {
+      expect(() => checkKvmApiVersion(11, '/dev/kvm')).to.throw('Cannot use /dev/kvm: KVM API version 11, vblk needs 12');
+      expect(() => checkKvmApiVersion(12)).to.not.throw();
+    });
+
+    it('a device that is not KVM (/dev/null): exit 2 and one line naming the failed ioctl', async function () {
+      const r = await vblk(['run', '--kvm', '/dev/null']);
+      expect(r.code).to.equal(2);
+      expect(r.stderr).to.equal('vblk: Cannot use /dev/null: KVM_GET_API_VERSION failed (Cannot KVM_GET_API_VERSION: ENOTTY)\n');
+    });
+  });
+
+  describe('on this host', function () {
+    let dir = '';
+    before(function () {
+      const why = kvmUnavailableReason();
+      if (why !== null || !fs.existsSync(defaultGuestImage())) {
+        console.log(`      skip: ${why ?? `${defaultGuestImage()} missing (run \`make guest-kvm\`)`}`);
+        this.skip();
+      }
+    });
+    beforeEach(function () {
+      dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vblk-runcli-'));
+    });
+    afterEach(function () {
+      fs.rmSync(dir, { recursive: true, force: true });
+    });
+
+    it('without --disk boots against a fresh temporary image, prints the guest lines and exits 0', async function () {
+      const r = await vblk(['run']);
+      expect(r.code, r.stdout + r.stderr).to.equal(0);
+      expect(r.stdout).to.match(/^guest: DONE pass=\d+ fail=0$/m);
+      expect(r.stdout).to.match(/^vmm: PASS written-data-on-disk /m);
+      expect(r.stdout).to.match(/^\d+ checks passed, 0 failed in \d+ ms/m);
+    });
+
+    it('--disk IMG --readonly: the guest sees RO and the image file is unchanged', async function () {
+      const file = path.join(dir, 'd.raw');
+      fs.writeFileSync(file, Buffer.alloc(1 << 20, 0x61));
+      const r = await vblk(['run', '--disk', file, '--readonly']);
+      expect(r.code, r.stdout + r.stderr).to.equal(0);
+      expect(r.stdout).to.match(/^guest: PASS features version_1=1 ro=1 /m);
+      expect(r.stdout).to.match(/^guest: PASS write-rejected-readonly sector=1 status=1$/m);
+      expect(fs.readFileSync(file).every((b) => b === 0x61)).to.equal(true);
+    });
+
+    it('a disk smaller than the guest needs (4 sectors) fails a check and exits 1', async function () {
+      const file = path.join(dir, 'tiny.raw');
+      fs.writeFileSync(file, Buffer.alloc(4 * 512));
+      const r = await vblk(['run', '--disk', file]);
+      expect(r.code).to.equal(1);
+      expect(r.stdout).to.match(/^guest: FAIL queue /m);
+    });
+  });
+});

@@ -1,0 +1,113 @@
+import { expect } from 'chai';
+import { isVblkError } from '../../src/errors';
+import { Kvm, kvmUnavailableReason } from '../../src/kvm/kvm';
+import { enterLongMode, writeBootTables } from '../../src/kvm/long-mode';
+import type { Vm } from '../../src/kvm/vm';
+import type { Vcpu } from '../../src/kvm/vcpu';
+
+const ENTRY = 0x8000;
+
+/** A VM with 1 MiB of RAM at 0 running `code` at ENTRY in long mode (no irqchip: HLT exits). */
+function bootCode(code: number[]): { kvm: Kvm; vm: Vm; vcpu: Vcpu } {
+  const kvm = Kvm.open();
+  const vm = kvm.createVm();
+  vm.setTssAddr(0xfffbd000);
+  const ram = vm.addRam(0, 1 << 20);
+  writeBootTables(ram.buffer);
+  Buffer.from(code).copy(ram.buffer, ENTRY);
+  const vcpu = vm.createVcpu(0);
+  enterLongMode(vcpu, ENTRY, 0x7000);
+  return { kvm, vm, vcpu };
+}
+
+describe('KVM vCPU (real /dev/kvm)', function () {
+  this.timeout(30000);
+  before(function () {
+    const why = kvmUnavailableReason();
+    if (why !== null) {
+      console.log(`    skip: ${why}`);
+      this.skip();
+    }
+  });
+
+  it('Kvm.open() reports API version 12 and the harness capabilities', function () {
+    const kvm = Kvm.open();
+    try {
+      expect(kvm.apiVersion).to.equal(12);
+      expect(() => kvm.requireHarnessExtensions()).to.not.throw();
+    } finally {
+      kvm.close();
+    }
+  });
+
+  it('runs a 64-bit guest that writes to port 0xE9 and halts (IO exit, then HLT exit)', async function () {
+    // mov al,'K'; out 0xe9,al; hlt
+    const { kvm, vm, vcpu } = bootCode([0xb0, 0x4b, 0xe6, 0xe9, 0xf4]);
+    try {
+      const io = await vcpu.run();
+      expect(io.kind).to.equal('io');
+      if (io.kind !== 'io') return;
+      expect([io.direction, io.port, io.size, io.count, io.data[0]]).to.deep.equal(['out', 0xe9, 1, 1, 0x4b]);
+      const hlt = await vcpu.run();
+      expect(hlt.kind).to.equal('hlt');
+      expect(vcpu.getRegs().rip).to.equal(BigInt(ENTRY + 5));
+    } finally {
+      vm.close();
+      kvm.close();
+    }
+  });
+
+  it('decodes an MMIO read exit and delivers the value the VMM puts in exit.data', async function () {
+    // mov eax,[0x10000000]; out 0xe9,al; hlt
+    const { kvm, vm, vcpu } = bootCode([0x8b, 0x04, 0x25, 0x00, 0x00, 0x00, 0x10, 0xe6, 0xe9, 0xf4]);
+    try {
+      const mmio = await vcpu.run();
+      expect(mmio.kind).to.equal('mmio');
+      if (mmio.kind !== 'mmio') return;
+      expect([mmio.address, mmio.isWrite, mmio.len]).to.deep.equal([0x10000000, false, 4]);
+      mmio.data.writeUInt32LE(0x1234);
+      const io = await vcpu.run();
+      expect(io.kind === 'io' ? io.data[0] : -1).to.equal(0x34);
+    } finally {
+      vm.close();
+      kvm.close();
+    }
+  });
+
+  it('turns a triple fault into one E_KVM error naming KVM_EXIT_SHUTDOWN and the rip', async function () {
+    // ud2 with no IDT: #UD -> #DF -> triple fault
+    const { kvm, vm, vcpu } = bootCode([0x0f, 0x0b]);
+    try {
+      let err: unknown;
+      try {
+        await vcpu.run();
+      } catch (e) {
+        err = e;
+      }
+      expect(isVblkError(err, 'E_KVM')).to.equal(true);
+      expect((err as Error).message).to.match(/^Cannot run vCPU 0: KVM_EXIT_SHUTDOWN at rip 0x[0-9a-f]+: /);
+    } finally {
+      vm.close();
+      kvm.close();
+    }
+  });
+
+  it('kick() interrupts a vCPU spinning in the guest', async function () {
+    // jmp $
+    const { kvm, vm, vcpu } = bootCode([0xeb, 0xfe]);
+    try {
+      const p = vcpu.run();
+      await new Promise((r) => setTimeout(r, 50));
+      vcpu.kick();
+      const exit = await p;
+      expect(exit.kind).to.equal('interrupted');
+    } finally {
+      vm.close();
+      kvm.close();
+    }
+  });
+
+  it('a missing KVM device gives one clear E_KVM line', function () {
+    expect(() => Kvm.open('/nonexistent/kvm')).to.throw('Cannot open /nonexistent/kvm: it does not exist (KVM is not available on this host)');
+  });
+});

@@ -1,0 +1,181 @@
+import { expect } from 'chai';
+import { setup, pattern } from './helpers';
+import { VIRTIO_BLK_T, VIRTIO_BLK_S, VIRTIO_BLK_F, BLK_CONFIG, decodeBlkConfig } from '../../src/virtio/blk-config';
+import { VIRTIO_F } from '../../src/virtio/device';
+import { encodeDwzSegment } from '../../src/virtio/mock-driver';
+
+const bit = (b: bigint): bigint => 1n << b;
+
+describe('VirtioBlkDevice basic requests through the mock driver', () => {
+  it('IN reads the disk contents into the guest buffer', async () => {
+    const { drv, disk } = setup();
+    disk.priv.data.set(pattern(4096, 1), 8 * 512);
+    const r = await drv.run(0, { type: VIRTIO_BLK_T.IN, sector: 8, readLen: 4096 });
+    expect(r.status).to.equal(VIRTIO_BLK_S.OK);
+    expect(r.data.equals(pattern(4096, 1))).to.equal(true);
+    expect(r.usedLen).to.equal(4097);
+  });
+
+  it('OUT writes the guest data to the disk', async () => {
+    const { drv, disk } = setup();
+    const r = await drv.run(0, { type: VIRTIO_BLK_T.OUT, sector: 3, data: pattern(1024, 2) });
+    expect(r.status).to.equal(VIRTIO_BLK_S.OK);
+    expect(r.usedLen).to.equal(1);
+    expect(disk.priv.data.subarray(3 * 512, 5 * 512).equals(pattern(1024, 2))).to.equal(true);
+  });
+
+  it('FLUSH reaches the disk and completes OK', async () => {
+    const { drv, disk } = setup();
+    const r = await drv.run(0, { type: VIRTIO_BLK_T.FLUSH, sector: 0 });
+    expect(r.status).to.equal(VIRTIO_BLK_S.OK);
+    expect(disk.priv.counts.flush).to.equal(1);
+  });
+
+  it('GET_ID returns the serial, NUL-padded to 20 bytes; default derived from the image name', async () => {
+    const { drv } = setup();
+    const r = await drv.run(0, { type: VIRTIO_BLK_T.GET_ID, sector: 0, readLen: 20 });
+    expect(r.status).to.equal(VIRTIO_BLK_S.OK);
+    expect(r.data.toString('latin1')).to.equal('test-disk.img\0\0\0\0\0\0\0');
+    const s2 = setup({ dev: { serial: 'a-very-long-serial-number-xyz' } });
+    const r2 = await s2.drv.run(0, { type: VIRTIO_BLK_T.GET_ID, sector: 0, readLen: 20 });
+    expect(r2.data.toString('latin1')).to.equal('a-very-long-serial-n');
+  });
+
+  it('accepts any split of header, data and status across descriptors', async () => {
+    const { drv, disk } = setup();
+    const data = pattern(2048, 3);
+    // header split 5/11, data glued to the header tail and cut at odd offsets
+    const w = await drv.run(0, { type: VIRTIO_BLK_T.OUT, sector: 10, data }, { readableCuts: [5, 100, 1500] });
+    expect(w.status).to.equal(VIRTIO_BLK_S.OK);
+    expect(disk.priv.data.subarray(10 * 512, 14 * 512).equals(data)).to.equal(true);
+    // data and status in one descriptor, data cut at odd offsets
+    const r = await drv.run(0, { type: VIRTIO_BLK_T.IN, sector: 10, readLen: 2048 }, { writableCuts: [7, 1000] });
+    expect(r.status).to.equal(VIRTIO_BLK_S.OK);
+    expect(r.data.equals(data)).to.equal(true);
+    // everything readable in one descriptor, everything writable in one
+    const r2 = await drv.run(0, { type: VIRTIO_BLK_T.IN, sector: 10, readLen: 2048 }, { writableCuts: [] });
+    expect(r2.data.equals(data)).to.equal(true);
+  });
+
+  it('walks indirect descriptor tables', async () => {
+    const { drv, disk } = setup();
+    const data = pattern(4096, 4);
+    const w = await drv.run(0, { type: VIRTIO_BLK_T.OUT, sector: 0, data }, { indirect: true, readableCuts: [16, 512, 4000] });
+    expect(w.status).to.equal(VIRTIO_BLK_S.OK);
+    expect(disk.priv.data.subarray(0, 4096).equals(data)).to.equal(true);
+    const r = await drv.run(0, { type: VIRTIO_BLK_T.IN, sector: 0, readLen: 4096 }, { indirect: true, writableCuts: [512, 1024, 4096] });
+    expect(r.data.equals(data)).to.equal(true);
+  });
+
+  it('serves several queues independently', async () => {
+    const { drv, disk } = setup({ dev: { numQueues: 3 } });
+    const rs = await Promise.all([0, 1, 2].map((q) => drv.run(q, { type: VIRTIO_BLK_T.OUT, sector: q * 8, data: pattern(4096, 10 + q) })));
+    expect(rs.map((r) => r.status)).to.deep.equal([0, 0, 0]);
+    for (const q of [0, 1, 2]) expect(disk.priv.data.subarray(q * 4096, q * 4096 + 4096).equals(pattern(4096, 10 + q))).to.equal(true);
+  });
+
+  it('completes many in-flight requests out of order', async () => {
+    const { drv, disk } = setup({ disk: { maxDelayTurns: 8 } });
+    disk.priv.data.set(pattern(16 * 4096, 5), 0);
+    const subs = Array.from({ length: 14 }, (_, i) => drv.submit(0, { type: VIRTIO_BLK_T.IN, sector: i * 8, readLen: 4096 }, { indirect: true }));
+    drv.kick(0);
+    const done = await drv.complete(subs);
+    done.forEach((r, i) => {
+      expect(r.status).to.equal(VIRTIO_BLK_S.OK);
+      expect(r.data.equals(pattern(16 * 4096, 5).subarray(i * 4096, i * 4096 + 4096))).to.equal(true);
+    });
+  });
+
+  it('offers the documented features and refuses what it did not offer', () => {
+    const { dev } = setup({ start: false, dev: { numQueues: 2, readonly: true } });
+    const f = dev.deviceFeatures;
+    for (const b of [VIRTIO_F.VERSION_1, VIRTIO_F.INDIRECT_DESC, VIRTIO_F.EVENT_IDX, VIRTIO_BLK_F.SEG_MAX, VIRTIO_BLK_F.SIZE_MAX, VIRTIO_BLK_F.BLK_SIZE, VIRTIO_BLK_F.FLUSH, VIRTIO_BLK_F.CONFIG_WCE, VIRTIO_BLK_F.TOPOLOGY, VIRTIO_BLK_F.RO, VIRTIO_BLK_F.MQ, VIRTIO_BLK_F.DISCARD, VIRTIO_BLK_F.WRITE_ZEROES]) {
+      expect((f & bit(b)) !== 0n, `bit ${b}`).to.equal(true);
+    }
+    expect(dev.setDriverFeatures(f | bit(VIRTIO_F.RING_PACKED))).to.equal(false);
+    expect(dev.setDriverFeatures(bit(VIRTIO_BLK_F.FLUSH))).to.equal(false); // no VERSION_1
+    expect(dev.setDriverFeatures(bit(VIRTIO_F.VERSION_1) | bit(VIRTIO_BLK_F.FLUSH))).to.equal(true);
+    expect(dev.driverFeatures).to.equal(bit(VIRTIO_F.VERSION_1) | bit(VIRTIO_BLK_F.FLUSH));
+  });
+
+  it('does not offer RO, MQ or DISCARD when they do not apply', () => {
+    const { dev } = setup({ start: false, disk: { discard: false } });
+    expect(dev.deviceFeatures & bit(VIRTIO_BLK_F.RO)).to.equal(0n);
+    expect(dev.deviceFeatures & bit(VIRTIO_BLK_F.MQ)).to.equal(0n);
+    expect(dev.deviceFeatures & bit(VIRTIO_BLK_F.DISCARD)).to.equal(0n);
+  });
+
+  it('exposes every config space field', () => {
+    const { dev } = setup({ start: false, dev: { numQueues: 4, queueSize: 128 } });
+    const raw = new Uint8Array(BLK_CONFIG.size + 8);
+    dev.readConfig(0, raw);
+    const c = decodeBlkConfig(raw);
+    expect(c).to.deep.equal({
+      capacity: 2048,
+      sizeMax: 1 << 20,
+      segMax: 126,
+      blkSize: 512,
+      physicalBlockExp: 0,
+      alignmentOffset: 0,
+      minIoSize: 1,
+      optIoSize: 0,
+      writeback: 1,
+      numQueues: 4,
+      maxDiscardSectors: 1 << 22,
+      maxDiscardSeg: 32,
+      discardSectorAlignment: 1,
+      maxWriteZeroesSectors: 1 << 22,
+      maxWriteZeroesSeg: 32,
+      writeZeroesMayUnmap: 1,
+    });
+    expect(Array.from(raw.subarray(BLK_CONFIG.size))).to.deep.equal([0, 0, 0, 0, 0, 0, 0, 0]);
+    const part = new Uint8Array(2);
+    dev.readConfig(BLK_CONFIG.numQueues, part);
+    expect(Array.from(part)).to.deep.equal([4, 0]);
+  });
+
+  it('writethrough (writeback=0 via CONFIG_WCE) flushes after each write before completing', async () => {
+    const { drv, dev, disk } = setup();
+    dev.writeConfig(BLK_CONFIG.writeback, Uint8Array.of(0));
+    expect(dev.writeback).to.equal(0);
+    const r = await drv.run(0, { type: VIRTIO_BLK_T.OUT, sector: 0, data: pattern(512, 6) });
+    expect(r.status).to.equal(VIRTIO_BLK_S.OK);
+    expect(disk.priv.counts.flush).to.equal(1);
+    dev.writeConfig(BLK_CONFIG.writeback, Uint8Array.of(1));
+    await drv.run(0, { type: VIRTIO_BLK_T.OUT, sector: 0, data: pattern(512, 6) });
+    expect(disk.priv.counts.flush).to.equal(1);
+  });
+
+  it('is writethrough when the driver did not negotiate FLUSH', async () => {
+    const { dev } = setup();
+    const s = setup({ drv: { features: bit(VIRTIO_F.VERSION_1) | bit(VIRTIO_BLK_F.CONFIG_WCE) } });
+    expect(dev.writethrough).to.equal(false);
+    expect(s.dev.writethrough).to.equal(true);
+    expect(s.dev.writeback).to.equal(0);
+    await s.drv.run(0, { type: VIRTIO_BLK_T.OUT, sector: 0, data: pattern(512, 7) });
+    expect(s.disk.priv.counts.flush).to.equal(1);
+  });
+
+  it('DISCARD and WRITE_ZEROES zero the ranges of every segment', async () => {
+    const { drv, disk } = setup();
+    disk.priv.data.fill(0x55);
+    const segs = Buffer.concat([encodeDwzSegment(0, 2, 0), encodeDwzSegment(10, 1, 0)]);
+    const d = await drv.run(0, { type: VIRTIO_BLK_T.DISCARD, sector: 0, data: segs });
+    expect(d.status).to.equal(VIRTIO_BLK_S.OK);
+    expect(disk.priv.data.subarray(0, 1024).every((b) => b === 0)).to.equal(true);
+    expect(disk.priv.data[1024]).to.equal(0x55);
+    expect(disk.priv.data.subarray(5120, 5632).every((b) => b === 0)).to.equal(true);
+    const z = await drv.run(0, { type: VIRTIO_BLK_T.WRITE_ZEROES, sector: 0, data: encodeDwzSegment(20, 4, 1) });
+    expect(z.status).to.equal(VIRTIO_BLK_S.OK);
+    expect(disk.priv.data.subarray(20 * 512, 24 * 512).every((b) => b === 0)).to.equal(true);
+    expect(disk.priv.data[24 * 512]).to.equal(0x55);
+  });
+
+  it('a disk I/O error becomes IOERR and the queue keeps serving', async () => {
+    const { drv } = setup({ disk: { fail: (op, sector) => op === 'read' && sector === 100 } });
+    const bad = await drv.run(0, { type: VIRTIO_BLK_T.IN, sector: 100, readLen: 512 });
+    expect(bad.status).to.equal(VIRTIO_BLK_S.IOERR);
+    const ok = await drv.run(0, { type: VIRTIO_BLK_T.IN, sector: 101, readLen: 512 });
+    expect(ok.status).to.equal(VIRTIO_BLK_S.OK);
+  });
+});
