@@ -4,6 +4,16 @@ export * from './disk/types';
 export { DiskImage } from './disk/disk-image';
 export type { ImageFile } from './disk/file';
 export { NodeImageFile } from './disk/file';
+// image formats: probing, raw, qcow (v1), qcow2 (read path), header codecs (src/disk, src/disk/qcow)
+export { openDiskImage, probeFormat, FORMATS, MAX_BACKING_DEPTH } from './disk/open';
+export type { OpenDiskOptions, FormatOpener, OpenerContext } from './disk/open';
+export { openRaw, rawOps, rawReadOnlyOps, RawState } from './disk/raw';
+export { Qcow2Header, QcowHeader } from './disk/qcow/header';
+export { openQcow2, openQcow2State, qcow2ReadOnlyOps, Qcow2State } from './disk/qcow/qcow2';
+export { openQcow1, qcowReadOnlyOps, QcowState } from './disk/qcow/qcow1';
+export { L2Cache, L2Table } from './disk/qcow/l2-cache';
+export { readBytesAt } from './disk/qcow/chain';
+export type { ByteReader } from './disk/qcow/chain';
 // guest memory, virtqueue, virtio-blk device, mock driver (src/memory, src/virtio)
 export { GuestMemory, guestAddress } from './memory/guest-memory';
 export type { MemoryRegion } from './memory/guest-memory';
@@ -19,3 +29,14 @@ export { MockBlkDriver, MockVirtqueue, GuestAllocator, encodeDwzSegment, snapsho
 export type { BlkRequestSpec, BlkLayout, BlkCompletion, SubmittedBlkRequest, MockBuffer, RawDescriptor, UsedEntry } from './virtio/mock-driver';
 export { createMemoryDisk, memoryDiskOps } from './disk/memory-disk';
 export type { MemoryDiskOptions, MemoryDiskState } from './disk/memory-disk';
+// virtio-mmio transport and the KVM harness (src/transport/mmio.ts, src/kvm; ffi-rs loads lazily)
+export { VirtioMmioTransport, MMIO_REG, MMIO_MAGIC, MMIO_WINDOW_SIZE, MMIO_INT } from './transport/mmio';
+export type { MmioTransportOptions } from './transport/mmio';
+export { Kvm, kvmUnavailableReason } from './kvm/kvm';
+export { Vm, signalEventFd } from './kvm/vm';
+export type { RamRegion, IoEventFd, IoEventFdOptions } from './kvm/vm';
+export { Vcpu } from './kvm/vcpu';
+export type { VcpuExit } from './kvm/vcpu';
+export { EventFdReader } from './kvm/eventfd-reader';
+export { runGuest, GUEST_LAYOUT } from './kvm/run-guest';
+export type { RunGuestOptions, GuestRunReport, GuestCheck } from './kvm/run-guest';

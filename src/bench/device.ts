@@ -12,7 +12,6 @@ import type { DiskImage } from '../disk/disk-image';
 import { openDiskImage } from '../disk/open';
 import { VirtioBlkDevice } from '../virtio/blk';
 import { MockVirtqueue } from '../virtio/mock-driver';
-import { VIRTIO_F } from '../virtio/device';
 import { VIRTQ_DESC_F } from '../virtio/chain';
 import { VIRTIO_BLK_T, VIRTIO_BLK_S } from '../virtio/blk-config';
 
@@ -176,11 +175,17 @@ async function runDevice(disk: DiskImage, p: Pattern, seconds: number): Promise<
   };
   const onInterrupt = (): void => {
     const stop = process.hrtime.bigint() >= deadlineNs;
-    for (const u of q.reap()) {
-      inFlight--;
-      done++;
-      if (memory.readU8(statusAddr(slotOfHead.get(u.id) as number)) !== VIRTIO_BLK_S.OK) errors++;
-      if (!stop) submit(u.id);
+    // Like Linux's virtqueue_enable_cb: reap, move used_event past what was seen, and re-check
+    // (an entry published before used_event moved raised no interrupt).
+    for (;;) {
+      for (const u of q.reap()) {
+        inFlight--;
+        done++;
+        if (memory.readU8(statusAddr(slotOfHead.get(u.id) as number)) !== VIRTIO_BLK_S.OK) errors++;
+        if (!stop) submit(u.id);
+      }
+      q.setUsedEvent(q.lastUsed);
+      if (q.usedIdx === q.lastUsed) break;
     }
     if (inFlight === 0) finish();
     else if (!kickPending) {
@@ -189,17 +194,13 @@ async function runDevice(disk: DiskImage, p: Pattern, seconds: number): Promise<
       queueMicrotask(kick);
     }
   };
-  const hasEventIdx = (dev.driverFeatures & (1n << VIRTIO_F.EVENT_IDX)) !== 0n;
   dev.startQueue(0, { memory, size: qsize, descTable: q.descTable, availRing: q.availRing, usedRing: q.usedRing, signalUsed: onInterrupt });
   const start = process.hrtime.bigint();
   for (const h of heads) submit(h);
-  if (hasEventIdx) q.setUsedEvent(0);
+  q.setUsedEvent(0);
   dev.queueNotify(0);
-  // With EVENT_IDX the guest must keep used_event current, or interrupts stop after the first.
-  const keepEvent = hasEventIdx ? setInterval(() => q.setUsedEvent(q.lastUsed), 1) : undefined;
   await finished;
   const ns = process.hrtime.bigint() - start;
-  if (keepEvent) clearInterval(keepEvent);
   await dev.reset();
   if (errors > 0) throw new Error(`bench: ${errors} requests failed through the device`);
   return throughput(done, ns, p.bs);

@@ -10,8 +10,8 @@ import type { ImageFormat } from '../disk/types';
 export interface OutputWriter {
   /** Writes guest data at `offset`. Ranges never written read as zeroes. */
   write(offset: number, data: Uint8Array): Promise<void>;
-  /** Makes everything durable and closes the output. */
-  close(): Promise<void>;
+  /** Makes everything durable (unless `sync` is false: `-t unsafe`) and closes the output. */
+  close(sync: boolean): Promise<void>;
   /** Removes what was written (after a failure); best effort. */
   abort(): Promise<void>;
 }
@@ -30,9 +30,9 @@ export const createRawOutput: OutputFactory = async (path, size) => {
   }
   return {
     write: (offset, data) => file.write(data, offset),
-    async close() {
+    async close(sync) {
       try {
-        await file.sync();
+        if (sync) await file.sync();
       } finally {
         await file.close();
       }

@@ -8,7 +8,8 @@
  *
  * Backing files: names are resolved against the overlay's folder (QEMU's path_combine), the
  * backing-format header extension is honoured (else the backing file is probed), the chain depth
- * is capped and loops are detected by real path. Backing files are always opened read-only.
+ * is capped and loops are detected by file identity (device and inode, so symlinks and hard links
+ * count as the same file). Backing files are always opened read-only.
  */
 import * as fs from 'node:fs';
 import { DiskError } from '../errors';
@@ -82,15 +83,17 @@ export async function probeFormat(file: ImageFile): Promise<{ format: ImageForma
 
 interface ChainState {
   readonly depth: number;
-  /** Real paths of the images above this one (for loop detection). */
+  /** Identities (device:inode) of the images above this one (for loop detection). */
   readonly seen: readonly string[];
   /** Names as given, for the loop message. */
   readonly names: readonly string[];
   readonly opts: OpenDiskOptions;
 }
 
-async function realpath(path: string): Promise<string> {
-  return fs.promises.realpath(path);
+/** Identity of a file for loop detection: device and inode (catches symlinks and hard links). */
+async function fileIdentity(path: string): Promise<string> {
+  const st = await fs.promises.stat(path);
+  return `${st.dev}:${st.ino}`;
 }
 
 async function openLayer(path: string, format: ImageFormat | undefined, readonly: boolean, chain: ChainState): Promise<DiskImage> {
@@ -98,15 +101,15 @@ async function openLayer(path: string, format: ImageFormat | undefined, readonly
   if (chain.depth > maxDepth) {
     throw new DiskError('E_BACKING', `Cannot open ${chain.names[0] ?? path}: the backing chain is deeper than ${maxDepth} images`, { depth: chain.depth });
   }
-  let real: string;
+  let identity: string;
   try {
-    real = await realpath(path);
+    identity = await fileIdentity(path);
   } catch (e) {
     const code = (e as NodeJS.ErrnoException).code ?? 'error';
     if (chain.depth === 0) throw new DiskError('E_DISK_IO', `Cannot open ${path}: ${code === 'ENOENT' ? 'no such file' : code}`, { errno: code }, { cause: e });
     throw new DiskError('E_BACKING', `Cannot open backing file ${path} of ${chain.names[chain.names.length - 1] ?? '?'}: ${code === 'ENOENT' ? 'no such file' : code}`, { errno: code }, { cause: e });
   }
-  const loopAt = chain.seen.indexOf(real);
+  const loopAt = chain.seen.indexOf(identity);
   if (loopAt >= 0) {
     throw new DiskError('E_BACKING', `Cannot open ${chain.names[0] ?? path}: backing chain loop: ${[...chain.names, path].join(' -> ')}`, { chain: [...chain.names, path] });
   }
@@ -129,7 +132,7 @@ async function openLayer(path: string, format: ImageFormat | undefined, readonly
     await file.close().catch(() => undefined);
     throw new DiskError('E_DISK_READONLY', `Cannot open ${path} read-write: writing ${fmt} images is not supported yet; open it read-only`, { format: fmt });
   }
-  const next: ChainState = { depth: chain.depth + 1, seen: [...chain.seen, real], names: [...chain.names, path], opts: chain.opts };
+  const next: ChainState = { depth: chain.depth + 1, seen: [...chain.seen, identity], names: [...chain.names, path], opts: chain.opts };
   return opener(file, {
     path,
     readonly,

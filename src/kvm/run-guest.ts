@@ -20,7 +20,8 @@ import { signalEventFd, type Vm } from './vm';
  *                ioeventfd, every other register access is an MMIO exit to the VMM
  *   IRQ 5        the device's interrupt: irqfd on GSI 5 -> in-kernel PIC (vector 0x25 after the
  *                guest remaps it) / IOAPIC pin 5
- *   port 0xE9    guest report lines (PASS / FAIL / INFO / DONE); port 0xF4: guest exit
+ *   port 0xE9    guest report bytes; port 0xEA: address of a report string; port 0xF4: guest exit
+ *                (the lines: PASS / FAIL / INFO / DONE)
  */
 export const GUEST_LAYOUT = {
   RAM_BASE: 0,
@@ -31,6 +32,8 @@ export const GUEST_LAYOUT = {
   IRQ: 5,
   PORT_REPORT: 0xe9,
   PORT_EXIT: 0xf4,
+  /** A 32-bit write here is the guest address of a NUL-terminated string (one exit per string). */
+  PORT_STRING: 0xea,
   TSS_ADDR: 0xfffb_d000,
 } as const;
 
@@ -97,6 +100,17 @@ export function fnv1a64Words(b: Uint8Array): bigint {
   return h;
 }
 
+/** Longest string the guest may pass by address (port 0xEA). */
+const MAX_GUEST_STRING = 256;
+
+/** The NUL-terminated string at guest address `addr` (at most 256 bytes, clipped to RAM). */
+function guestString(ram: Buffer, addr: number): string {
+  if (addr >= ram.length) return '';
+  const window = ram.subarray(addr, Math.min(ram.length, addr + MAX_GUEST_STRING));
+  const nul = window.indexOf(0);
+  return window.subarray(0, nul < 0 ? window.length : nul).toString('latin1');
+}
+
 function parseLine(line: string): GuestCheck | undefined {
   const m = /^(PASS|FAIL) (\S+) ?(.*)$/.exec(line);
   if (!m) return undefined;
@@ -125,8 +139,8 @@ export async function runGuest(opts: RunGuestOptions): Promise<GuestRunReport> {
   const readonly = opts.readonly === true || opts.disk.readonly;
   const started = Date.now();
   // What sectors 0-2 hold before the run: a read-only run must leave them as they are.
-  const before = Buffer.alloc(3 * 512);
-  await opts.disk.readSector(0, before);
+  const before = Buffer.alloc(Math.min(3, opts.disk.sectors) * 512);
+  if (before.length > 0) await opts.disk.readSector(0, before);
   const kvm = Kvm.open(opts.kvmDevice ?? KVM_DEVICE);
   let vm: Vm | undefined;
   const readers: EventFdReader[] = [];
@@ -179,8 +193,8 @@ export async function runGuest(opts: RunGuestOptions): Promise<GuestRunReport> {
         const exit = await vcpu.run();
         if (exit.kind === 'io') {
           ioExits++;
-          if (exit.direction === 'out' && exit.port === L.PORT_REPORT) {
-            partial += exit.data.toString('latin1');
+          if (exit.direction === 'out' && (exit.port === L.PORT_REPORT || (exit.port === L.PORT_STRING && exit.size === 4))) {
+            partial += exit.port === L.PORT_REPORT ? exit.data.toString('latin1') : guestString(ram.buffer, exit.data.readUInt32LE(0));
             let nl: number;
             while ((nl = partial.indexOf('\n')) >= 0) {
               const line = partial.slice(0, nl);
@@ -242,10 +256,10 @@ export async function runGuest(opts: RunGuestOptions): Promise<GuestRunReport> {
       vmm('data-matches-disk', false, 'the guest reported no hash');
     }
     if (readonly) {
-      const after = Buffer.alloc(3 * 512);
-      await opts.disk.readSector(0, after);
+      const after = Buffer.alloc(before.length);
+      if (after.length > 0) await opts.disk.readSector(0, after);
       vmm('readonly-disk-unchanged', after.equals(before), after.equals(before) ? 'sectors 0-2 unchanged' : 'sectors 0-2 changed on a read-only disk');
-    } else {
+    } else if (opts.disk.sectors >= 8) {
       const s12 = Buffer.alloc(1024);
       const last = Buffer.alloc(512);
       await opts.disk.readSector(1, s12);

@@ -13,14 +13,31 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as util from 'node:util';
-import * as ffi from 'ffi-rs';
+import type * as FfiRs from 'ffi-rs';
 import { TransportError } from '../errors';
+
+let ffiModule: typeof FfiRs | undefined;
+
+/**
+ * ffi-rs, loaded on first use: importing vblk (disk formats, the device) must work on hosts where
+ * its native addon cannot load; only the KVM harness and vhost-user mmap need it.
+ */
+function ffiRs(): typeof FfiRs {
+  if (ffiModule === undefined) {
+    try {
+      ffiModule = require('ffi-rs') as typeof FfiRs;
+    } catch (e) {
+      throw new TransportError('E_NATIVE', `Cannot load ffi-rs: ${e instanceof Error ? e.message.split('\n')[0] : String(e)}`, {}, { cause: e });
+    }
+  }
+  return ffiModule;
+}
 
 /** The libraries vblk loads: the C library and vblk's shim. */
 export type NativeLibrary = 'libc' | 'vblk';
 
 /** An opaque native pointer, as ffi-rs represents it. */
-export type NativePointer = ffi.JsExternal;
+export type NativePointer = FfiRs.JsExternal;
 
 /** One typed argument of a native call. */
 export type NativeArg =
@@ -73,6 +90,7 @@ const loaded = new Set<NativeLibrary>();
  */
 export function loadLibrary(lib: NativeLibrary): void {
   if (loaded.has(lib)) return;
+  const ffi = ffiRs();
   const file = lib === 'libc' ? 'libc.so.6' : nativeLibraryPath();
   if (lib === 'vblk' && !fs.existsSync(file)) {
     throw new TransportError('E_NATIVE', `Cannot load native library: ${file} is missing (run \`make native\`)`, { file });
@@ -85,8 +103,9 @@ export function loadLibrary(lib: NativeLibrary): void {
   loaded.add(lib);
 }
 
-function toParams(args: readonly NativeArg[]): { types: ffi.DataType[]; values: unknown[] } {
-  const types: ffi.DataType[] = [];
+function toParams(args: readonly NativeArg[]): { types: FfiRs.DataType[]; values: unknown[] } {
+  const ffi = ffiRs();
+  const types: FfiRs.DataType[] = [];
   const values: unknown[] = [];
   for (const a of args) {
     switch (a.kind) {
@@ -126,6 +145,7 @@ function asBigInt(v: unknown, fn: string): bigint {
  * @example callI64('vblk', 'vblk_close', [arg.i32(fd)])
  */
 export function callI64(lib: NativeLibrary, fn: string, args: readonly NativeArg[]): bigint {
+  const ffi = ffiRs();
   loadLibrary(lib);
   const { types, values } = toParams(args);
   const r: unknown = ffi.load({ library: lib, funcName: fn, retType: ffi.DataType.BigInt, paramsType: types, paramsValue: values });
@@ -137,6 +157,7 @@ export function callI64(lib: NativeLibrary, fn: string, args: readonly NativeArg
  * that block (KVM_RUN, a blocking read). The arguments must stay alive until it settles.
  */
 export async function callI64Blocking(lib: NativeLibrary, fn: string, args: readonly NativeArg[]): Promise<bigint> {
+  const ffi = ffiRs();
   loadLibrary(lib);
   const { types, values } = toParams(args);
   const r: unknown = await ffi.load({
@@ -152,6 +173,7 @@ export async function callI64Blocking(lib: NativeLibrary, fn: string, args: read
 
 /** Calls `fn` in `lib` with a pointer result (for `createExternalBuffer`). */
 export function callPointer(lib: NativeLibrary, fn: string, args: readonly NativeArg[]): NativePointer {
+  const ffi = ffiRs();
   loadLibrary(lib);
   const { types, values } = toParams(args);
   const r: unknown = ffi.load({ library: lib, funcName: fn, retType: ffi.DataType.External, paramsType: types, paramsValue: values });
@@ -167,7 +189,7 @@ export function callPointer(lib: NativeLibrary, fn: string, args: readonly Nativ
  */
 export function externalBuffer(ptr: NativePointer, length: number): Buffer {
   if (!Number.isSafeInteger(length) || length < 0) throw new RangeError(`external buffer length invalid: ${length}`);
-  return ffi.createExternalBuffer(ptr, length);
+  return ffiRs().createExternalBuffer(ptr, length);
 }
 
 /** The symbolic name of a positive errno value ("ENOENT"), or "errno N". */

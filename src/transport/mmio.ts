@@ -1,4 +1,4 @@
-import { VirtioError, hex, isVblkError } from '../errors';
+import { VirtioError, hex } from '../errors';
 import { addressFromHalves } from '../memory/guest-memory';
 import type { GuestMemory } from '../memory/guest-memory';
 import { VIRTIO_F, VIRTIO_STATUS, type VirtioDevice } from '../virtio/device';
@@ -189,7 +189,7 @@ export class VirtioMmioTransport {
     out.fill(0);
     if (offset >= MMIO_REG.CONFIG) {
       if (!this.#configAccessOk(offset, out.length, 'read')) return;
-      this.device.readConfig(offset - MMIO_REG.CONFIG, out);
+      this.#guard('read config space', () => this.device.readConfig(offset - MMIO_REG.CONFIG, out));
       return;
     }
     if (out.length !== 4 || offset % 4 !== 0) {
@@ -204,7 +204,7 @@ export class VirtioMmioTransport {
     if (offset >= MMIO_REG.CONFIG) {
       if (!this.#configAccessOk(offset, data.length, 'write')) return;
       if (this.#resetting) return this.#ignore(`Cannot write config at ${hex(offset)}: device reset in progress`);
-      this.device.writeConfig(offset - MMIO_REG.CONFIG, data);
+      this.#guard('write config space', () => this.device.writeConfig(offset - MMIO_REG.CONFIG, data));
       return;
     }
     if (data.length !== 4 || offset % 4 !== 0) {
@@ -319,7 +319,7 @@ export class VirtioMmioTransport {
       this.#pendingKicks.add(index);
       return;
     }
-    this.device.queueNotify(index);
+    this.#guard(`notify queue ${index}`, () => this.device.queueNotify(index));
   }
 
   #writeDriverFeatures(value: number): void {
@@ -404,8 +404,18 @@ export class VirtioMmioTransport {
       });
       q.ready = true;
     } catch (e) {
-      if (!isVblkError(e)) throw e;
-      this.#fail(e.message);
+      // VirtioError E_VIRTIO_RING for a bad geometry; anything else is treated the same way:
+      // the guest's input must never crash the VMM.
+      this.#fail(e instanceof Error ? e.message : String(e));
+    }
+  }
+
+  /** Runs a device call made on the guest's behalf; a throw puts the device in NEEDS_RESET. */
+  #guard(what: string, fn: () => void): void {
+    try {
+      fn();
+    } catch (e) {
+      this.#fail(`Cannot ${what}: ${e instanceof Error ? e.message : String(e)}`);
     }
   }
 
@@ -440,7 +450,7 @@ export class VirtioMmioTransport {
     if ((added & S.DRIVER_OK) !== 0 && (next & S.DRIVER_OK) !== 0) {
       const kicks = [...this.#pendingKicks];
       this.#pendingKicks.clear();
-      for (const i of kicks) if (this.#queues[i]?.ready === true) this.device.queueNotify(i);
+      for (const i of kicks) if (this.#queues[i]?.ready === true) this.#guard(`notify queue ${i}`, () => this.device.queueNotify(i));
     }
   }
 
@@ -455,7 +465,11 @@ export class VirtioMmioTransport {
       this.#ignore(`Cannot accept driver features ${hex(features)}: VIRTIO_F_VERSION_1 is required by virtio-mmio version 2`);
       return false;
     }
-    if (!this.device.setDriverFeatures(features)) {
+    let accepted = false;
+    this.#guard('set driver features', () => {
+      accepted = this.device.setDriverFeatures(features);
+    });
+    if (!accepted) {
       this.#ignore(`Cannot accept driver features ${hex(features)}: the device refused them`);
       return false;
     }

@@ -183,6 +183,13 @@ describe('bad input: exact errors', function () {
     await expectReject(openDiskImage(a, { readonly: true }), 'E_BACKING', `Cannot open ${a}: backing chain loop: ${a} -> ${tmp.dir}/self.qcow2`);
   });
 
+  it('a loop through a hard link is detected too', async () => {
+    const a = tmp.file('hl-a.qcow2');
+    qemuImg('create', '-q', '-f', 'qcow2', '-u', '-b', 'hl-b.qcow2', '-F', 'qcow2', a, '1M');
+    fs.linkSync(a, tmp.file('hl-b.qcow2'));
+    await expectReject(openDiskImage(a, { readonly: true }), 'E_BACKING', `Cannot open ${a}: backing chain loop: ${a} -> ${tmp.dir}/hl-b.qcow2`);
+  });
+
   it('a backing chain deeper than the cap', async () => {
     let prev = createImage(tmp.file('deep0.qcow2'), '1M');
     for (let i = 1; i <= 4; i++) prev = createImage(tmp.file(`deep${i}.qcow2`), undefined, { backing: `deep${i - 1}.qcow2`, backingFormat: 'qcow2' });
@@ -224,6 +231,38 @@ describe('bad input: exact errors', function () {
     const f = createImage(tmp.file('v1l1.qcow'), '1M', { format: 'qcow' });
     pokeBytes(f, 40, be64(0x100000n));
     await expectReject(openDiskImage(f, { readonly: true }), 'E_QCOW_CORRUPT', `Cannot open ${f}: L1 table at 0x100000 (1 entries) is past the end of the file (size 0x230)`);
+  });
+
+  it('an extended L2 bitmap marking a subcluster both allocated and zero', async () => {
+    const f = createImage(tmp.file('xl2.qcow2'), '1M', { options: { extended_l2: 'on' } });
+    writePatterns(f, [{ byte: 1, offset: 0, length: 4096 }]);
+    expect(readBytes(f, 0x40008, 8).readBigUInt64BE()).to.equal(3n);
+    pokeBytes(f, 0x40008, be64(0x0000000100000003n));
+    await expectReject(readAll(f), 'E_QCOW_CORRUPT', `Cannot read ${f}: L2 entry 0 of table 0x40000 marks subcluster 0 both allocated and zero`);
+  });
+
+  it('qcow version 1: an L2 entry past the end of the file, and an unaligned one', async () => {
+    const f = createImage(tmp.file('v1l2.qcow'), '1M', { format: 'qcow' });
+    writePatterns(f, [{ byte: 1, offset: 0, length: 4096 }], 'qcow');
+    expect(readBytes(f, 48, 8).readBigUInt64BE()).to.equal(0x1000n);
+    expect(readBytes(f, 0x1000, 8).readBigUInt64BE()).to.equal(0x2000n);
+    pokeBytes(f, 0x1000, be64(0x100000n));
+    await expectReject(readAll(f), 'E_QCOW_CORRUPT', `Cannot read ${f}: L2 entry 0 of table 0x1000 points to cluster 0x100000 past the end of the file (size 0x3000)`);
+    pokeBytes(f, 0x1000, be64(0x2200n));
+    await expectReject(readAll(f), 'E_QCOW_CORRUPT', `Cannot read ${f}: L2 entry 0 of table 0x1000 (0x2200) is not cluster-aligned`);
+  });
+
+  it('a compressed cluster cut short by the end of the file', async () => {
+    const src = tmp.file('csrc2.raw');
+    const data = Buffer.alloc(65536);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 7919) >>> 3; // compresses, but not to nothing
+    fs.writeFileSync(src, data);
+    const f = tmp.file('ctrunc.qcow2');
+    qemuImg('convert', '-c', '-O', 'qcow2', src, f);
+    const l2e = readBytes(f, 0x40000, 8).readBigUInt64BE();
+    const host = Number(l2e & ((1n << 54n) - 1n));
+    fs.truncateSync(f, host + 100);
+    await expectReject(readAll(f), 'E_QCOW_CORRUPT', new RegExp(`^Cannot read compressed cluster at 0x${host.toString(16)}: it inflates to \\d+ bytes, not 65536$`));
   });
 
   it('random corruption of header, L1 and L2 never crashes and never fakes data (property)', async function () {

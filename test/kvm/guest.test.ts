@@ -72,9 +72,9 @@ describe('KVM test guest drives virtio-blk over virtio-mmio (real /dev/kvm)', fu
   it('raw, read-write: every guest check passes and qemu-io finds the written patterns in the file', async function () {
     const file = path.join(dir, 'disk.raw');
     execFileSync('qemu-img', ['create', '-q', '-f', 'raw', file, String(SIZE)]);
-    const r = await withDisk(file, false, (disk) => runGuest({ disk }));
+    const r = await withDisk(file, false, (disk) => runGuest({ timeoutMs: 30000, disk }));
     expectAllPassed(r);
-    for (const name of ['probe', 'features', 'queue', 'write', 'flush', 'read-back', 'write-past-end', 'get-id', 'read-past-end', 'interrupts']) {
+    for (const name of ['probe', 'features', 'queue', 'write', 'flush', 'read-back', 'write-past-end', 'get-id', 'read-past-end', 'unknown-type', 'interrupts', 'reset']) {
       expect(guestCheck(r, name)?.ok, name).to.equal(true);
     }
     const out = qemuIo('raw', file, ['read -P 0xa1 512 512', 'read -P 0xa2 1024 512', `read -P 0x5a ${SIZE - 512} 512`]);
@@ -86,7 +86,7 @@ describe('KVM test guest drives virtio-blk over virtio-mmio (real /dev/kvm)', fu
     execFileSync('qemu-img', ['create', '-q', '-f', 'raw', file, String(SIZE)]);
     qemuIo('raw', file, ['write -P 0x33 0 4096']);
     const before = fs.readFileSync(file);
-    const r = await withDisk(file, true, (disk) => runGuest({ disk }));
+    const r = await withDisk(file, true, (disk) => runGuest({ timeoutMs: 30000, disk }));
     expectAllPassed(r);
     expect(guestCheck(r, 'features')?.detail).to.contain('ro=1');
     expect(guestCheck(r, 'write-rejected-readonly')?.detail).to.contain('status=1');
@@ -97,7 +97,7 @@ describe('KVM test guest drives virtio-blk over virtio-mmio (real /dev/kvm)', fu
     const file = path.join(dir, 'disk.raw');
     execFileSync('qemu-img', ['create', '-q', '-f', 'raw', file, String(SIZE)]);
     const before = fs.readFileSync(file);
-    const r = await withDisk(file, false, (disk) => runGuest({ disk, readonly: true }));
+    const r = await withDisk(file, false, (disk) => runGuest({ timeoutMs: 30000, disk, readonly: true }));
     expectAllPassed(r);
     expect(guestCheck(r, 'features')?.detail).to.contain('ro=1');
     expect(fs.readFileSync(file).equals(before)).to.equal(true);
@@ -107,7 +107,7 @@ describe('KVM test guest drives virtio-blk over virtio-mmio (real /dev/kvm)', fu
     const file = path.join(dir, 'disk.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', file, String(SIZE)]);
     qemuIo('qcow2', file, ['write -P 0x44 0 1024']);
-    const r = await withDisk(file, true, (disk) => runGuest({ disk }));
+    const r = await withDisk(file, true, (disk) => runGuest({ timeoutMs: 30000, disk }));
     expectAllPassed(r);
     const want = fnv1a64Words(Buffer.alloc(1024, 0x44));
     expect(r.lines).to.include(`INFO hash sector=0 count=2 fnv=0x${want.toString(16)}`);
@@ -129,7 +129,7 @@ describe('KVM test guest drives virtio-blk over virtio-mmio (real /dev/kvm)', fu
     }
     let r: GuestRunReport;
     try {
-      r = await runGuest({ disk });
+      r = await runGuest({ timeoutMs: 30000, disk });
     } finally {
       await disk.close();
     }
@@ -142,7 +142,7 @@ describe('KVM test guest drives virtio-blk over virtio-mmio (real /dev/kvm)', fu
   it('kicks travel through the ioeventfd (no QueueNotify exit) and completions through the irqfd', async function () {
     const file = path.join(dir, 'disk.raw');
     execFileSync('qemu-img', ['create', '-q', '-f', 'raw', file, String(SIZE)]);
-    const r = await withDisk(file, false, (disk) => runGuest({ disk }));
+    const r = await withDisk(file, false, (disk) => runGuest({ timeoutMs: 30000, disk }));
     expect(r.stats.notifyMmioExits).to.equal(0);
     expect(r.stats.ioeventfdWakeups).to.be.greaterThan(0);
     expect(r.stats.interrupts).to.be.greaterThan(0);
@@ -152,7 +152,7 @@ describe('KVM test guest drives virtio-blk over virtio-mmio (real /dev/kvm)', fu
   it('without the ioeventfd, QueueNotify falls back to MMIO exits and every check still passes', async function () {
     const file = path.join(dir, 'disk.raw');
     execFileSync('qemu-img', ['create', '-q', '-f', 'raw', file, String(SIZE)]);
-    const r = await withDisk(file, false, (disk) => runGuest({ disk, ioeventfd: false }));
+    const r = await withDisk(file, false, (disk) => runGuest({ timeoutMs: 30000, disk, ioeventfd: false }));
     expectAllPassed(r);
     expect(r.stats.notifyMmioExits).to.be.greaterThan(0);
   });
@@ -174,7 +174,7 @@ describe('KVM test guest drives virtio-blk over virtio-mmio (real /dev/kvm)', fu
     fs.writeFileSync(image, Buffer.from(code));
     const file = path.join(dir, 'disk.raw');
     execFileSync('qemu-img', ['create', '-q', '-f', 'raw', file, String(SIZE)]);
-    const r = await withDisk(file, false, (disk) => runGuest({ disk, guestImage: image }));
+    const r = await withDisk(file, false, (disk) => runGuest({ timeoutMs: 30000, disk, guestImage: image }));
     expect(r.exitCode).to.equal(0);
     expect(r.stats.ignoredAccesses).to.be.greaterThanOrEqual(6);
     expect(r.passed).to.equal(false); // it never printed DONE: the VMM says so instead of hanging
@@ -186,7 +186,7 @@ describe('KVM test guest drives virtio-blk over virtio-mmio (real /dev/kvm)', fu
     let err: unknown;
     await withDisk(file, true, async (disk) => {
       try {
-        await runGuest({ disk, guestImage: path.join(dir, 'nope.bin') });
+        await runGuest({ timeoutMs: 30000, disk, guestImage: path.join(dir, 'nope.bin') });
       } catch (e) {
         err = e;
       }

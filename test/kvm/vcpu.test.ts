@@ -92,6 +92,24 @@ describe('KVM vCPU (real /dev/kvm)', function () {
     }
   });
 
+  it('turns an emulation failure (executing from the MMIO window) into one E_KVM error naming KVM_EXIT_INTERNAL_ERROR', async function () {
+    // mov eax, 0x10000000; jmp rax
+    const { kvm, vm, vcpu } = bootCode([0xb8, 0x00, 0x00, 0x00, 0x10, 0xff, 0xe0]);
+    try {
+      let err: unknown;
+      try {
+        await vcpu.run();
+      } catch (e) {
+        err = e;
+      }
+      expect(isVblkError(err, 'E_KVM')).to.equal(true);
+      expect((err as Error).message).to.match(/^Cannot run vCPU 0: KVM_EXIT_INTERNAL_ERROR at rip 0x10000000: KVM internal error: emulation failure/);
+    } finally {
+      vm.close();
+      kvm.close();
+    }
+  });
+
   it('kick() interrupts a vCPU spinning in the guest', async function () {
     // jmp $
     const { kvm, vm, vcpu } = bootCode([0xeb, 0xfe]);
@@ -101,6 +119,29 @@ describe('KVM vCPU (real /dev/kvm)', function () {
       vcpu.kick();
       const exit = await p;
       expect(exit.kind).to.equal('interrupted');
+    } finally {
+      vm.close();
+      kvm.close();
+    }
+  });
+
+  it('Vm sets up the in-kernel irqchip and PIT, an irqfd per GSI and a removable ioeventfd', function () {
+    const kvm = Kvm.open();
+    const vm = kvm.createVm();
+    try {
+      vm.createIrqchip();
+      vm.createPit2();
+      vm.irqLine(5, 1);
+      vm.irqLine(5, 0);
+      const irqfd = vm.irqfd(5);
+      expect(vm.irqfd(5)).to.equal(irqfd); // one eventfd per GSI
+      const ev = vm.addIoEventFd({ addr: 0x10000050, len: 4, datamatch: 0 });
+      expect(ev.fd).to.be.greaterThan(2);
+      // the same address and datamatch twice is refused by KVM (EEXIST): the error names the ioctl
+      expect(() => vm.addIoEventFd({ addr: 0x10000050, len: 4, datamatch: 0 })).to.throw(/^Cannot KVM_IOEVENTFD at 0x10000050: EEXIST$/);
+      vm.removeIoEventFd(ev);
+      const again = vm.addIoEventFd({ addr: 0x10000050, len: 4, datamatch: 0 });
+      expect(again.fd).to.be.greaterThan(2);
     } finally {
       vm.close();
       kvm.close();

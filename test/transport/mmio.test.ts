@@ -305,6 +305,24 @@ describe('virtio-mmio v2 register model (src/transport/mmio.ts)', function () {
       expect([b2.readUInt16LE(), mmio.read(MMIO_REG.STATUS)]).to.deep.equal([0, 0]);
     });
 
+    it('a device that throws while serving the guest (config read, kick) gives DEVICE_NEEDS_RESET, not a VMM crash', function () {
+      const { mmio, dev } = setup();
+      negotiate(mmio, VERSION_1);
+      setQueue(mmio, 0, 16, 0x1000, 0x2000, 0x3000);
+      mmio.write(MMIO_REG.STATUS, S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK);
+      dev.readConfig = (): void => {
+        throw new RangeError('bug in the device');
+      };
+      dev.queueNotify = (): void => {
+        throw new TypeError('another bug');
+      };
+      const b = Buffer.alloc(4, 0xff);
+      expect(() => mmio.readBytes(0x100, b)).to.not.throw();
+      expect(() => mmio.write(MMIO_REG.QUEUE_NOTIFY, 0)).to.not.throw();
+      expect(mmio.read(MMIO_REG.STATUS) & S.DEVICE_NEEDS_RESET).to.equal(S.DEVICE_NEEDS_RESET);
+      expect(b.readUInt32LE()).to.equal(0);
+    });
+
     it('survives any sequence of guest register accesses without throwing, keeping Status consistent', function () {
       const offsets = [...Object.values(MMIO_REG), 0x018, 0x0f8, 0x104, 0x1fc, 0x1ff];
       const access = fc.record({

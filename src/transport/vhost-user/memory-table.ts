@@ -1,4 +1,4 @@
-import { buffer as bufferConstants } from 'node:buffer';
+import { constants as bufferConstants } from 'node:buffer';
 import { TransportError, hex } from '../../errors';
 import { GuestMemory } from '../../memory/guest-memory';
 import type { MemRegionDesc } from './codec';

@@ -1,0 +1,72 @@
+/**
+ * The bench framework: a suite measures vblk against a peer (qemu-img bench, qemu-storage-daemon,
+ * ...) on the same images in the same run and returns rows; `main.ts` prints every row of every
+ * suite as one side-by-side table with ratios. Adding a suite = one file + one line in `SUITES`.
+ */
+import { spawnSync } from 'node:child_process';
+
+/** One measured row: higher is better for both units. */
+export interface BenchRow {
+  readonly name: string;
+  readonly unit: 'IOPS' | 'MiB/s';
+  readonly peerName: string;
+  readonly peer: number;
+  readonly vblk: number;
+  readonly note?: string;
+}
+
+/** What a suite gets from main. */
+export interface BenchContext {
+  /** A fresh temp folder (removed after the run). */
+  readonly dir: string;
+  /** Progress message (shown on a TTY only). */
+  progress(msg: string): void;
+  /** Size in bytes of the test images (VBLK_BENCH_SIZE, default 1 GiB). */
+  readonly imageSize: number;
+  /** Multiplier for request counts (VBLK_BENCH_SCALE, default 1). */
+  readonly scale: number;
+}
+
+export interface BenchSuite {
+  readonly name: string;
+  /** Why a suite cannot run here (missing tool...), or undefined. */
+  unavailable?(): string | undefined;
+  run(ctx: BenchContext): Promise<BenchRow[]>;
+}
+
+/** Runs a tool, throwing with its stderr on failure; returns stdout. */
+export function tool(cmd: string, args: readonly string[]): string {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', maxBuffer: 16 << 20 });
+  if (r.error) throw r.error;
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed (${r.status}): ${r.stderr.trim()}`);
+  return r.stdout;
+}
+
+/** True when `cmd --version` runs. */
+export function hasTool(cmd: string): boolean {
+  const r = spawnSync(cmd, ['--version'], { stdio: 'ignore' });
+  return r.status === 0;
+}
+
+/** Parses "Run completed in X seconds." (qemu-img bench and vblk bench). */
+export function runSeconds(out: string): number {
+  const m = /Run completed in ([\d.]+) seconds\./.exec(out);
+  if (!m) throw new Error(`no "Run completed" line in: ${out}`);
+  return Number(m[1]);
+}
+
+/** Formats a value for the table ("38.2k", "912"). */
+export function fmtValue(v: number): string {
+  if (v >= 10000) return `${(v / 1000).toFixed(1)}k`;
+  if (v >= 100) return v.toFixed(0);
+  return v.toFixed(1);
+}
+
+/** The side-by-side table. */
+export function formatTable(rows: readonly BenchRow[]): string {
+  const head = ['benchmark', 'unit', 'peer', 'peer value', 'vblk', 'vblk/peer'];
+  const body = rows.map((r) => [r.name, r.unit, r.peerName, fmtValue(r.peer), fmtValue(r.vblk), `${(r.vblk / r.peer).toFixed(2)}x${r.note ? `  (${r.note})` : ''}`]);
+  const widths = head.map((h, i) => Math.max(h.length, ...body.map((b) => (b[i] ?? '').length)));
+  const line = (cells: readonly string[]): string => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i] ?? 0))).join('  ');
+  return [line(head), line(widths.map((w) => '-'.repeat(w))), ...body.map(line)].join('\n') + '\n';
+}

@@ -1,0 +1,316 @@
+import * as fs from 'node:fs';
+import { EventEmitter } from 'node:events';
+import { TransportError } from '../../errors';
+import type { VirtioDevice } from '../../virtio/device';
+import { mmap, munmap } from '../../native/libc';
+import { Poller, acceptConnection, listenUnix, receiveWithFds, sendWithFds } from '../../native/vhost';
+import { VhostUserBackend } from './backend';
+import type { BackendEnv } from './backend';
+import { MessageDecoder } from './codec';
+import type { VhostUserMessage } from './codec';
+import type { RegionMapper } from './memory-table';
+import { requestName } from './protocol';
+
+/** Options of `VhostUserServer.listen`. */
+export interface VhostUserServerOptions {
+  /** Path of the Unix socket to create (a stale socket there is replaced; any other file is an error). */
+  readonly socketPath: string;
+  readonly device: VirtioDevice;
+  /** One-line log sink; default: stderr. */
+  readonly log?: (line: string) => void;
+  /** Region mapper; default: mmap(MAP_SHARED) through native/libc. */
+  readonly mapper?: RegionMapper;
+  /** Runs after each session ended and its queues drained (the CLI flushes the disk here). */
+  readonly afterSession?: () => Promise<void>;
+}
+
+const TOKEN_LISTEN = 1;
+const TOKEN_CONN = 2;
+const FIRST_KICK_TOKEN = 16;
+const RECV_CHUNK = 8192;
+
+/** mmap-based region mapper (MAP_SHARED, read-write). */
+export const mmapRegionMapper: RegionMapper = (fd, length) => {
+  const m = mmap({ length, fd });
+  return { buffer: m.buffer, unmap: () => munmap(m) };
+};
+
+/**
+ * A vhost-user back-end server on a Unix socket: one front-end (QEMU, cloud-hypervisor…) at a
+ * time; when it disconnects (even killed mid-request) the session is drained and torn down and the
+ * next connection is accepted.
+ *
+ * Events: `connect`, `disconnect` (after the session's teardown and `afterSession`), `error`-free
+ * by design: protocol problems are logged, never thrown.
+ *
+ * I/O model: a native poller thread watches the listening socket, the connection socket and the
+ * kick eventfds; readiness arrives as tokens on a pipe read by Node. Protocol messages are read
+ * with a non-blocking recvmsg (FFI, a few dozen per session); kicks cost no FFI call; the device
+ * signals completions by writing the call eventfd with `fs.writeSync`.
+ *
+ * @example
+ *   const server = await VhostUserServer.listen({ socketPath: '/tmp/vblk.sock', device });
+ *   ...
+ *   await server.close();
+ */
+export class VhostUserServer extends EventEmitter {
+  readonly socketPath: string;
+  readonly device: VirtioDevice;
+  readonly #log: (line: string) => void;
+  readonly #mapper: RegionMapper;
+  readonly #afterSession: (() => Promise<void>) | undefined;
+  readonly #poller: Poller;
+  readonly #listenFd: number;
+  readonly #kicks = new Map<number, () => void>();
+  #nextToken = FIRST_KICK_TOKEN;
+  #session: Session | undefined;
+  #closing: Promise<void> | undefined;
+  #sessions = 0;
+
+  private constructor(opts: VhostUserServerOptions, listenFd: number) {
+    super();
+    this.socketPath = opts.socketPath;
+    this.device = opts.device;
+    this.#log = opts.log ?? ((line: string): void => void process.stderr.write(line + '\n'));
+    this.#mapper = opts.mapper ?? mmapRegionMapper;
+    this.#afterSession = opts.afterSession;
+    this.#listenFd = listenFd;
+    this.#poller = new Poller((token) => this.#onToken(token));
+    this.#poller.add(listenFd, TOKEN_LISTEN, 'oneshot');
+  }
+
+  /**
+   * Creates the socket and starts accepting.
+   * @throws TransportError when the path is taken by something other than a socket, or bind fails.
+   */
+  static async listen(opts: VhostUserServerOptions): Promise<VhostUserServer> {
+    let st: fs.Stats | undefined;
+    try {
+      st = fs.lstatSync(opts.socketPath);
+    } catch {
+      st = undefined;
+    }
+    if (st !== undefined) {
+      if (!st.isSocket()) {
+        throw new TransportError('E_VHOST_PROTOCOL', `Cannot listen on ${opts.socketPath}: it exists and is not a socket`);
+      }
+      fs.unlinkSync(opts.socketPath);
+    }
+    const fd = listenUnix(opts.socketPath, 4);
+    try {
+      return new VhostUserServer(opts, fd);
+    } catch (e) {
+      fs.closeSync(fd);
+      throw e;
+    }
+  }
+
+  /** True while a front-end is connected. */
+  get connected(): boolean {
+    return this.#session !== undefined;
+  }
+
+  /** Number of sessions accepted so far. */
+  get sessions(): number {
+    return this.#sessions;
+  }
+
+  /** The current session's back-end (tests inspect it). */
+  get backend(): VhostUserBackend | undefined {
+    return this.#session?.backend;
+  }
+
+  #onToken(token: number): void {
+    if (this.#closing) return;
+    if (token === TOKEN_LISTEN) this.#accept();
+    else if (token === TOKEN_CONN) this.#session?.readable();
+    else this.#kicks.get(token)?.();
+  }
+
+  #accept(): void {
+    if (this.#session !== undefined) return; // re-armed when the session ends
+    let fd: number | undefined;
+    try {
+      fd = acceptConnection(this.#listenFd);
+    } catch (e) {
+      this.#log(`vhost-user: accept failed: ${e instanceof Error ? e.message : String(e)}`);
+    }
+    if (fd === undefined) {
+      this.#poller.rearm(this.#listenFd, TOKEN_LISTEN);
+      return;
+    }
+    this.#sessions++;
+    const env: BackendEnv = {
+      mapper: this.#mapper,
+      log: this.#log,
+      watchKick: (kfd, onKick) => {
+        const token = this.#nextToken++;
+        if (this.#nextToken > 0xffff_fff0) this.#nextToken = FIRST_KICK_TOKEN;
+        this.#kicks.set(token, onKick);
+        this.#poller.add(kfd, token, 'eventfd');
+        return () => {
+          this.#kicks.delete(token);
+          this.#poller.remove(kfd);
+        };
+      },
+    };
+    const session = new Session(fd, new VhostUserBackend(this.device, env), this.#poller, this.#log, () => void this.#endSession(session));
+    this.#session = session;
+    this.#poller.add(fd, TOKEN_CONN, 'oneshot');
+    this.emit('connect');
+  }
+
+  async #endSession(session: Session): Promise<void> {
+    try {
+      await session.backend.shutdown();
+    } catch (e) {
+      this.#log(`vhost-user: session teardown failed: ${e instanceof Error ? e.message : String(e)}`);
+    }
+    try {
+      if (this.#afterSession) await this.#afterSession();
+    } catch (e) {
+      this.#log(`vhost-user: after-session hook failed: ${e instanceof Error ? e.message : String(e)}`);
+    }
+    if (this.#session === session) this.#session = undefined;
+    this.emit('disconnect');
+    if (!this.#closing) {
+      this.#poller.rearm(this.#listenFd, TOKEN_LISTEN);
+    }
+  }
+
+  /**
+   * Stops accepting, ends the current session (waiting for its in-flight requests), stops the
+   * poller thread and removes the socket file. Idempotent.
+   */
+  close(): Promise<void> {
+    if (this.#closing) return this.#closing;
+    this.#closing = (async () => {
+      const s = this.#session;
+      if (s) {
+        const ended = new Promise<void>((resolve) => this.once('disconnect', () => resolve()));
+        s.disconnect('server shutting down');
+        await ended;
+      }
+      this.#poller.remove(this.#listenFd);
+      this.#poller.close();
+      try {
+        fs.closeSync(this.#listenFd);
+      } catch {
+        // already closed
+      }
+      try {
+        fs.unlinkSync(this.socketPath);
+      } catch {
+        // removed by someone else
+      }
+    })();
+    return this.#closing;
+  }
+}
+
+/** One connected front-end: reads and frames messages, runs them in order, sends replies. */
+class Session {
+  readonly fd: number;
+  readonly backend: VhostUserBackend;
+  readonly #poller: Poller;
+  readonly #log: (line: string) => void;
+  readonly #onEnd: () => void;
+  readonly #decoder = new MessageDecoder();
+  readonly #queue: VhostUserMessage[] = [];
+  readonly #buf = Buffer.alloc(RECV_CHUNK);
+  #running: Promise<void> | undefined;
+  #ended = false;
+
+  constructor(fd: number, backend: VhostUserBackend, poller: Poller, log: (line: string) => void, onEnd: () => void) {
+    this.fd = fd;
+    this.backend = backend;
+    this.#poller = poller;
+    this.#log = log;
+    this.#onEnd = onEnd;
+  }
+
+  /** The socket is readable: read everything there is, queue complete messages, re-arm. */
+  readable(): void {
+    if (this.#ended) return;
+    for (;;) {
+      let r;
+      try {
+        r = receiveWithFds(this.fd, this.#buf);
+      } catch (e) {
+        this.disconnect(`receive failed: ${e instanceof Error ? e.message : String(e)}`);
+        return;
+      }
+      if (r === undefined) break;
+      if (r.bytes === 0) {
+        for (const fd of r.fds) closeQuietly(fd);
+        const pending = this.#decoder.pendingBytes;
+        this.disconnect(pending > 0 ? `front-end disconnected in the middle of a message (${pending} bytes of it received)` : undefined);
+        return;
+      }
+      try {
+        this.#queue.push(...this.#decoder.push(this.#buf.subarray(0, r.bytes), r.fds));
+      } catch (e) {
+        this.disconnect(e instanceof Error ? e.message : String(e));
+        return;
+      }
+    }
+    try {
+      this.#poller.rearm(this.fd, TOKEN_CONN);
+    } catch (e) {
+      this.disconnect(`cannot watch the socket: ${e instanceof Error ? e.message : String(e)}`);
+      return;
+    }
+    if (this.#running === undefined) {
+      this.#running = this.#run().finally(() => {
+        this.#running = undefined;
+      });
+    }
+  }
+
+  async #run(): Promise<void> {
+    {
+      while (!this.#ended && this.#queue.length > 0) {
+        const m = this.#queue.shift() as VhostUserMessage;
+        const { reply, close } = await this.backend.handle(m);
+        if (this.#ended) break;
+        if (reply) {
+          try {
+            sendWithFds(this.fd, reply);
+          } catch (e) {
+            this.disconnect(`cannot reply to ${requestName(m.request)}: ${e instanceof Error ? e.message : String(e)}`);
+            break;
+          }
+        }
+        if (close) {
+          this.disconnect(`closing the connection: ${requestName(m.request)} needs a reply vblk cannot give`);
+          break;
+        }
+      }
+    }
+  }
+
+  /** Ends the session once: stop reading, drop queued messages, close the socket, tear down. */
+  disconnect(reason?: string): void {
+    if (this.#ended) return;
+    this.#ended = true;
+    if (reason !== undefined) this.#log(`vhost-user: ${reason}`);
+    for (const m of this.#queue.splice(0)) for (const fd of m.fds) closeQuietly(fd);
+    for (const fd of this.#decoder.takeFds()) closeQuietly(fd);
+    try {
+      this.#poller.remove(this.fd);
+    } catch {
+      // the poller is already gone
+    }
+    closeQuietly(this.fd);
+    // Let a message being handled finish (it may be waiting for in-flight requests) first.
+    void (this.#running ?? Promise.resolve()).then(() => this.#onEnd());
+  }
+}
+
+function closeQuietly(fd: number): void {
+  try {
+    fs.closeSync(fd);
+  } catch {
+    // already closed
+  }
+}
