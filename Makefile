@@ -43,6 +43,15 @@ $(GUEST_KVM): guest/blk-guest.c guest/guest.ld
 
 guest-kvm: $(GUEST_KVM)
 
+# Linux test guest for the vhost-user e2e tests, guest bench and guest demo (issue 6): Debian
+# cloud kernel + busybox/e2fsprogs/fio initramfs in build/guest/ (cached; scripts/build-guest.sh).
+.PHONY: guest guest-demo
+guest: apt-qemu-system
+	bash scripts/build-guest.sh
+
+guest-demo: build guest
+	bash scripts/guest-demo.sh
+
 build: deps native guest-kvm
 	npx tsc -p tsconfig.json
 

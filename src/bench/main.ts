@@ -16,10 +16,12 @@ import * as path from 'node:path';
 import { parseSize } from '../cli/args';
 import { formatTable, type BenchRow, type BenchSuite } from './suite';
 import { readSuite } from './read';
+import { deviceSuite } from './device-suite';
 
 /** Every suite, in table order. Add a suite with one line here. */
 export const SUITES: BenchSuite[] = [
   readSuite,
+  deviceSuite,
 ];
 
 async function main(): Promise<number> {

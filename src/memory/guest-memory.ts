@@ -177,6 +177,17 @@ export class GuestMemory {
   }
 
   /**
+   * Index (into `regions`) of the region holding all of [addr, addr+len), or -1. Lets hot paths
+   * address `regions[i].buffer` at `addr - regions[i].guestAddr` without creating a view.
+   * `addr` and `len` must be non-negative safe integers (the caller's invariant).
+   */
+  regionIndex(addr: number, len: number): number {
+    const i = this.#find(addr);
+    if (i < 0 || addr + len > (this.#ends[i] as number)) return -1;
+    return i;
+  }
+
+  /**
    * Zero-copy views covering [addr, addr+len), one per region crossed (adjacent regions only).
    * @throws VirtioError E_VIRTIO_MEMORY when any byte is outside guest memory.
    */

@@ -63,8 +63,11 @@ export class BlkRequest {
   #statusBuf: Buffer | undefined;
   #statusOff = 0;
   #usedLen = 0;
-  /** Data buffers of the request (views of guest memory), reused across requests. */
-  readonly #data: Buffer[] = [];
+  /** Data segments of the request (region buffer, offset, length), reused across requests. */
+  readonly #dBufs: Buffer[] = [];
+  readonly #dOffs: number[] = [];
+  readonly #dLens: number[] = [];
+  #dCount = 0;
   #dataLen = 0;
   readonly #hdr = Buffer.alloc(BLK_HEADER_SIZE);
   readonly #onIo: (n: number) => void;
@@ -96,7 +99,7 @@ export class BlkRequest {
     this.#busy = true;
     this.#head = chain.head;
     this.#statusBuf = undefined;
-    this.#data.length = 0;
+    this.#dCount = 0;
     this.#dataLen = 0;
     this.lastError = undefined;
     // Malformed chain, or no writable byte for the status: give the head back with length 0.
@@ -104,18 +107,19 @@ export class BlkRequest {
       this.#finishNoStatus();
       return;
     }
-    const last = chain.writable[chain.writable.length - 1] as Buffer;
-    this.#statusBuf = last;
-    this.#statusOff = last.length - 1;
+    const last = chain.count - 1;
+    this.#statusBuf = chain.bufs[last] as Buffer;
+    this.#statusOff = (chain.offs[last] as number) + (chain.lens[last] as number) - 1;
     this.#usedLen = chain.writableLength;
     if (chain.readableLength < BLK_HEADER_SIZE) {
       this.complete(VIRTIO_BLK_S.IOERR); // header missing, or not device-readable
       return;
     }
     const hdr = this.#header(chain);
-    const type = hdr.readUInt32LE(0);
-    const sectorLo = hdr.readUInt32LE(8);
-    const sectorHi = hdr.readUInt32LE(12);
+    const ho = this.#hdrOff;
+    const type = hdr.readUInt32LE(ho);
+    const sectorLo = hdr.readUInt32LE(ho + 8);
+    const sectorHi = hdr.readUInt32LE(ho + 12);
     switch (type) {
       case VIRTIO_BLK_T.IN:
         this.#collectWritableData(chain);
@@ -143,29 +147,42 @@ export class BlkRequest {
     }
   }
 
-  /** The 16 header bytes: a view when the first readable buffer holds them, else a copy. */
+  /** The 16 header bytes, at `#hdrOff` of the returned buffer (a copy when they are split). */
+  #hdrOff = 0;
   #header(chain: DescriptorChain): Buffer {
-    const first = chain.readable[0] as Buffer;
-    if (first.length >= BLK_HEADER_SIZE) return first;
-    let off = 0;
-    for (const b of chain.readable) {
-      const n = Math.min(b.length, BLK_HEADER_SIZE - off);
-      b.copy(this.#hdr, off, 0, n);
-      off += n;
-      if (off === BLK_HEADER_SIZE) break;
+    if ((chain.lens[0] as number) >= BLK_HEADER_SIZE) {
+      this.#hdrOff = chain.offs[0] as number;
+      return chain.bufs[0] as Buffer;
     }
+    let off = 0;
+    for (let i = 0; i < chain.firstWritable && off < BLK_HEADER_SIZE; i++) {
+      const n = Math.min(chain.lens[i] as number, BLK_HEADER_SIZE - off);
+      const o = chain.offs[i] as number;
+      (chain.bufs[i] as Buffer).copy(this.#hdr, off, o, o + n);
+      off += n;
+    }
+    this.#hdrOff = 0;
     return this.#hdr;
+  }
+
+  #pushData(buf: Buffer, off: number, len: number): void {
+    const n = this.#dCount;
+    this.#dBufs[n] = buf;
+    this.#dOffs[n] = off;
+    this.#dLens[n] = len;
+    this.#dCount = n + 1;
   }
 
   /** Data = readable bytes after the header. */
   #collectReadableData(chain: DescriptorChain): void {
     let skip = BLK_HEADER_SIZE;
-    for (const b of chain.readable) {
-      if (skip >= b.length) {
-        skip -= b.length;
+    for (let i = 0; i < chain.firstWritable; i++) {
+      const len = chain.lens[i] as number;
+      if (skip >= len) {
+        skip -= len;
         continue;
       }
-      this.#data.push(skip === 0 ? b : b.subarray(skip));
+      this.#pushData(chain.bufs[i] as Buffer, (chain.offs[i] as number) + skip, len - skip);
       skip = 0;
     }
     this.#dataLen = chain.readableLength - BLK_HEADER_SIZE;
@@ -173,12 +190,24 @@ export class BlkRequest {
 
   /** Data = writable bytes before the status byte. */
   #collectWritableData(chain: DescriptorChain): void {
-    const w = chain.writable;
-    const n = w.length;
-    for (let i = 0; i < n - 1; i++) this.#data.push(w[i] as Buffer);
-    const last = w[n - 1] as Buffer;
-    if (last.length > 1) this.#data.push(last.subarray(0, last.length - 1));
+    const last = chain.count - 1;
+    for (let i = chain.firstWritable; i < last; i++) this.#pushData(chain.bufs[i] as Buffer, chain.offs[i] as number, chain.lens[i] as number);
+    const lastLen = chain.lens[last] as number;
+    if (lastLen > 1) this.#pushData(chain.bufs[last] as Buffer, chain.offs[last] as number, lastLen - 1);
     this.#dataLen = chain.writableLength - 1;
+  }
+
+  /** A zero-copy view of data segment `i`. */
+  #dataView(i: number): Buffer {
+    const off = this.#dOffs[i] as number;
+    return (this.#dBufs[i] as Buffer).subarray(off, off + (this.#dLens[i] as number));
+  }
+
+  /** Views of every data segment (slow paths). */
+  #dataViews(): Buffer[] {
+    const out: Buffer[] = [];
+    for (let i = 0; i < this.#dCount; i++) out.push(this.#dataView(i));
+    return out;
   }
 
   #readWrite(write: boolean, sectorLo: number, sectorHi: number): void {
@@ -196,10 +225,10 @@ export class BlkRequest {
     }
     this.#phase = Phase.Io;
     this.#writing = write;
-    if (this.#data.length === 1) {
+    if (this.#dCount === 1) {
       // Hot path: one data buffer, handed to the disk as a zero-copy view of guest memory.
       this.#expected = len;
-      const buf = this.#data[0] as Buffer;
+      const buf = this.#dataView(0);
       (write ? host.disk.writeSector(sector, buf) : host.disk.readSector(sector, buf)).then(this.#onIo, this.#onFail);
       return;
     }
@@ -214,7 +243,7 @@ export class BlkRequest {
    */
   async #segmentedIo(write: boolean, sector: number): Promise<number> {
     const disk = this.#host.disk;
-    const data = this.#data;
+    const data = this.#dataViews();
     let aligned = true;
     for (const b of data) if (b.length % SECTOR_SIZE !== 0) aligned = false;
     if (aligned) {
@@ -292,7 +321,7 @@ export class BlkRequest {
     const id = this.#host.serial;
     let left = Math.min(this.#dataLen, VIRTIO_BLK_ID_BYTES);
     let off = 0;
-    for (const b of this.#data) {
+    for (const b of this.#dataViews()) {
       if (left === 0) break;
       const n = Math.min(b.length, left);
       id.copy(b, 0, off, off + n);
@@ -313,7 +342,7 @@ export class BlkRequest {
     const maxSectors = discard ? host.maxDiscardSectors : host.maxWriteZeroesSectors;
     const segs = Buffer.allocUnsafe(len);
     let off = 0;
-    for (const b of this.#data) {
+    for (const b of this.#dataViews()) {
       b.copy(segs, off);
       off += b.length;
     }
@@ -365,7 +394,7 @@ export class BlkRequest {
     this.#busy = false;
     this.#phase = Phase.Idle;
     this.#writing = false;
-    this.#data.length = 0;
+    this.#dCount = 0;
     this.#statusBuf = undefined;
     this.#host.finish(this.#head, this.#usedLen);
   }

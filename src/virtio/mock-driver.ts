@@ -82,6 +82,10 @@ export class MockVirtqueue {
   /** Descriptors owned by each in-flight head (freed when reaped). */
   readonly #owned = new Map<number, number[]>();
   readonly #waiters: (() => void)[] = [];
+  /** Zero-copy views of the avail and used rings (the driver's hot path avoids address lookups). */
+  readonly #avail: Buffer;
+  readonly #used: Buffer;
+  readonly #mask: number;
 
   /**
    * @param base guest address where the rings are laid out (16-byte aligned); they take
@@ -96,8 +100,9 @@ export class MockVirtqueue {
     this.availRing = base + s.desc;
     this.usedRing = Math.ceil((this.availRing + s.avail) / 4096) * 4096;
     memory.slice(this.descTable, s.desc).fill(0);
-    memory.slice(this.availRing, s.avail).fill(0);
-    memory.slice(this.usedRing, s.used).fill(0);
+    this.#avail = memory.slice(this.availRing, s.avail).fill(0);
+    this.#used = memory.slice(this.usedRing, s.used).fill(0);
+    this.#mask = size - 1;
     for (let i = size - 1; i >= 0; i--) this.#free.push(i);
   }
 
@@ -200,13 +205,13 @@ export class MockVirtqueue {
 
   /** Writes `head` into the avail ring slot for the current avail idx, without bumping idx. */
   pushAvail(head: number, slotOffset = 0): void {
-    this.memory.writeU16(this.availRing + 4 + 2 * ((this.#availIdx + slotOffset) % this.size), head);
+    this.#avail.writeUInt16LE(head & 0xffff, 4 + 2 * ((this.#availIdx + slotOffset) & this.#mask));
   }
 
   /** Sets avail idx (any u16: tests use it to corrupt the ring). */
   setAvailIdx(idx: number): void {
     this.#availIdx = idx & 0xffff;
-    this.memory.writeU16(this.availRing + 2, this.#availIdx);
+    this.#avail.writeUInt16LE(this.#availIdx, 2);
   }
 
   /** Sets the avail ring flags (VIRTQ_AVAIL_F_NO_INTERRUPT). */
@@ -216,7 +221,7 @@ export class MockVirtqueue {
 
   /** Writes used_event (EVENT_IDX: interrupt me when used idx passes this). */
   setUsedEvent(idx: number): void {
-    this.memory.writeU16(this.availRing + 4 + 2 * this.size, idx & 0xffff);
+    this.#avail.writeUInt16LE(idx & 0xffff, 4 + 2 * this.size);
   }
 
   /** The device's avail_event (EVENT_IDX). */
@@ -231,7 +236,7 @@ export class MockVirtqueue {
 
   /** The device's used idx. */
   get usedIdx(): number {
-    return this.memory.readU16(this.usedRing + 2);
+    return this.#used.readUInt16LE(2);
   }
 
   /** Reads every used entry published since the last reap and frees their descriptors. */
@@ -239,9 +244,9 @@ export class MockVirtqueue {
     const out: UsedEntry[] = [];
     const idx = this.usedIdx;
     while (this.#lastUsed !== idx) {
-      const off = this.usedRing + 4 + 8 * (this.#lastUsed % this.size);
-      const id = this.memory.readU32(off);
-      const len = this.memory.readU32(off + 4);
+      const off = 4 + 8 * (this.#lastUsed & this.#mask);
+      const id = this.#used.readUInt32LE(off);
+      const len = this.#used.readUInt32LE(off + 4);
       out.push({ id, len });
       const owned = this.#owned.get(id);
       if (owned) {

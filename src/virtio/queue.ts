@@ -1,6 +1,6 @@
 import { VirtioError, hex } from '../errors';
 import { addressFromHalves } from '../memory/guest-memory';
-import type { GuestMemory } from '../memory/guest-memory';
+import type { GuestMemory, MemoryRegion } from '../memory/guest-memory';
 import { DescriptorChain, VIRTQ_DESC_F } from './chain';
 
 /**
@@ -222,17 +222,15 @@ export class SplitQueue {
 
   #chainError(chain: DescriptorChain, why: string, data: Record<string, unknown> = {}): void {
     chain.error = new VirtioError('E_VIRTIO_CHAIN', `Cannot walk descriptor chain at head ${chain.head}: ${why}`, { head: chain.head, ...data });
-    // Nothing of a malformed chain may be used.
-    chain.readable.length = 0;
-    chain.writable.length = 0;
-    chain.readableLength = 0;
-    chain.writableLength = 0;
+    chain.clear(); // nothing of a malformed chain may be used
   }
 
   /** Follows the chain from `chain.head`, filling in its buffers or its error. */
   #walk(chain: DescriptorChain): void {
     const memory = this.memory;
+    const regions = memory.regions;
     let table = this.#desc;
+    let tbase = 0; // byte offset of the current table inside `table`
     let tableSize = this.size;
     let idx = chain.head;
     let inIndirect = false;
@@ -245,7 +243,7 @@ export class SplitQueue {
       }
       ttl--;
       chain.descriptors++;
-      const off = idx * 16;
+      const off = tbase + idx * 16;
       const addr = addressFromHalves(table.readUInt32LE(off), table.readUInt32LE(off + 4));
       const len = table.readUInt32LE(off + 8);
       const flags = table.readUInt16LE(off + 12);
@@ -261,48 +259,41 @@ export class SplitQueue {
         const entries = len / 16;
         if (entries > ttl) return this.#chainError(chain, `indirect table of ${entries} entries makes the chain longer than ${this.maxChainLength}`);
         if (addr < 0) return this.#chainError(chain, `indirect table address is above 2^53`);
-        let t = memory.view(addr, len);
-        if (t === undefined) {
+        const ri = memory.regionIndex(addr, len);
+        if (ri >= 0) {
+          const r = regions[ri] as MemoryRegion;
+          table = r.buffer;
+          tbase = addr - r.guestAddr;
+        } else {
           if (!memory.isValidRange(addr, len)) return this.#chainError(chain, `indirect table ${hex(addr)}+${hex(len)} is outside guest memory`);
-          t = memory.read(addr, len); // straddles adjacent regions: read-only copy is fine
+          table = memory.read(addr, len); // straddles adjacent regions: a read-only copy is fine
+          tbase = 0;
         }
-        table = t;
         tableSize = entries;
         idx = 0;
         inIndirect = true;
         continue;
       }
+      const writable = (flags & VIRTQ_DESC_F.WRITE) !== 0;
+      if (writable) seenWritable = true;
+      else if (seenWritable) return this.#chainError(chain, `readable descriptor ${idx} follows a writable one`);
       if (len > 0) {
         if (addr < 0) return this.#chainError(chain, `descriptor ${idx} address is above 2^53`);
         total += len;
         if (total > 0xffffffff) return this.#chainError(chain, `total length exceeds 2^32 - 1`);
-        const view = memory.view(addr, len);
-        if ((flags & VIRTQ_DESC_F.WRITE) !== 0) {
-          seenWritable = true;
-          if (view !== undefined) chain.writable.push(view);
-          else if (!this.#gatherInto(chain.writable, addr, len)) return this.#chainError(chain, `descriptor ${idx} buffer ${hex(addr)}+${hex(len)} is outside guest memory`, { addr, len });
-          chain.writableLength += len;
+        const ri = memory.regionIndex(addr, len);
+        if (ri >= 0) {
+          const r = regions[ri] as MemoryRegion;
+          chain.push(r.buffer, addr - r.guestAddr, len, writable);
         } else {
-          if (seenWritable) return this.#chainError(chain, `readable descriptor ${idx} follows a writable one`);
-          if (view !== undefined) chain.readable.push(view);
-          else if (!this.#gatherInto(chain.readable, addr, len)) return this.#chainError(chain, `descriptor ${idx} buffer ${hex(addr)}+${hex(len)} is outside guest memory`, { addr, len });
-          chain.readableLength += len;
+          if (!memory.isValidRange(addr, len)) return this.#chainError(chain, `descriptor ${idx} buffer ${hex(addr)}+${hex(len)} is outside guest memory`, { addr, len });
+          for (const part of memory.gather(addr, len)) chain.push(part, 0, part.length, writable);
         }
-      } else if ((flags & VIRTQ_DESC_F.WRITE) !== 0) {
-        seenWritable = true;
-      } else if (seenWritable) {
-        return this.#chainError(chain, `readable descriptor ${idx} follows a writable one`);
       }
       if ((flags & VIRTQ_DESC_F.NEXT) === 0) return;
       if (next >= tableSize) return this.#chainError(chain, `descriptor ${idx} has next ${next} >= ${inIndirect ? 'indirect table size' : 'queue size'} ${tableSize}`);
       idx = next;
     }
-  }
-
-  #gatherInto(out: Buffer[], addr: number, len: number): boolean {
-    if (!this.memory.isValidRange(addr, len)) return false;
-    for (const b of this.memory.gather(addr, len)) out.push(b);
-    return true;
   }
 
   /**

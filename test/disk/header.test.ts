@@ -265,3 +265,91 @@ describe('QcowHeader (version 1) codec', function () {
     expectError(() => QcowHeader.parse(b), 'E_QCOW_CORRUPT', 'Cannot parse qcow header: cluster_bits 17 is outside 9..16');
   });
 });
+
+describe('header codecs: round-trip property', () => {
+  it('Qcow2Header: parse(serialize(h)) gives back every field', async () => {
+    const fcm = await import('fast-check');
+    const fc = fcm.default ?? fcm;
+    const u32 = fc.integer({ min: 0, max: 0xffffffff });
+    const off = fc.integer({ min: 0, max: 2 ** 43 }).map((n) => n * 512);
+    const name = fc.string({ minLength: 1, maxLength: 40 }).filter((s) => !s.includes('\0'));
+    fc.assert(
+      fc.property(
+        fc.record({
+          version: fc.constantFrom(2 as const, 3 as const),
+          clusterBits: fc.integer({ min: 9, max: 21 }),
+          size: fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER }),
+          l1Size: u32,
+          l1TableOffset: off,
+          refcountTableOffset: off,
+          refcountTableClusters: u32,
+          nbSnapshots: u32,
+          snapshotsOffset: off,
+          features: fc.tuple(fc.bigUintN(64), fc.bigUintN(64), fc.bigUintN(64)),
+          refcountOrder: fc.integer({ min: 0, max: 6 }),
+          backingFile: fc.option(name, { nil: undefined }),
+          backingFormat: fc.option(fc.constantFrom('raw', 'qcow2', 'qcow'), { nil: undefined }),
+          unknown: fc.array(fc.record({ type: fc.integer({ min: 1, max: 0x7fffffff }), data: fc.uint8Array({ maxLength: 20 }) }), { maxLength: 2 }),
+        }),
+        (r) => {
+          const h = new Qcow2Header({
+            version: r.version,
+            clusterBits: r.clusterBits,
+            size: r.size,
+            l1Size: r.l1Size,
+            l1TableOffset: r.l1TableOffset,
+            refcountTableOffset: r.refcountTableOffset,
+            refcountTableClusters: r.refcountTableClusters,
+            nbSnapshots: r.nbSnapshots,
+            snapshotsOffset: r.snapshotsOffset,
+            backingFile: r.backingFile,
+            backingFormat: r.backingFormat,
+            unknownExtensions: r.unknown.filter((u) => ![0xe2792aca, 0x6803f857, 0x23852875, 0x0537be77, 0x44415441].includes(u.type)),
+          });
+          if (r.version === 3) {
+            [h.incompatibleFeatures, h.compatibleFeatures, h.autoclearFeatures] = r.features;
+            h.refcountOrder = r.refcountOrder;
+          }
+          let bytes: Buffer;
+          try {
+            bytes = h.serialize();
+          } catch (e) {
+            // Only allowed failure: the header does not fit in one (small) cluster.
+            expect(String(e)).to.match(/more than one cluster/);
+            return;
+          }
+          const back = Qcow2Header.parse(bytes);
+          for (const k of ['version', 'clusterBits', 'size', 'l1Size', 'l1TableOffset', 'refcountTableOffset', 'refcountTableClusters', 'nbSnapshots', 'snapshotsOffset', 'incompatibleFeatures', 'compatibleFeatures', 'autoclearFeatures', 'refcountOrder', 'backingFile', 'backingFormat'] as const) {
+            expect(back[k], k).to.deep.equal(h[k]);
+          }
+          expect(back.unknownExtensions.map((u) => [u.type, Array.from(u.data)])).to.deep.equal(h.unknownExtensions.map((u) => [u.type, Array.from(u.data)]));
+          expect(back.serialize().equals(bytes)).to.equal(true);
+        },
+      ),
+      { numRuns: 300, seed: 7 },
+    );
+  });
+
+  it('QcowHeader: parse(serialize(h)) gives back every field', async () => {
+    const fcm = await import('fast-check');
+    const fc = fcm.default ?? fcm;
+    fc.assert(
+      fc.property(
+        fc.record({
+          size: fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER }),
+          clusterBits: fc.integer({ min: 9, max: 16 }),
+          l2Bits: fc.integer({ min: 6, max: 13 }),
+          mtime: fc.integer({ min: 0, max: 0xffffffff }),
+          l1TableOffset: fc.integer({ min: 0, max: 2 ** 40 }),
+          backingFile: fc.option(fc.string({ minLength: 1, maxLength: 60 }), { nil: undefined }),
+        }),
+        (r) => {
+          const h = new QcowHeader(r);
+          const back = QcowHeader.parse(h.serialize());
+          expect({ ...back }).to.deep.equal({ ...h });
+        },
+      ),
+      { numRuns: 200, seed: 7 },
+    );
+  });
+});

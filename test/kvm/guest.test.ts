@@ -114,6 +114,16 @@ describe('KVM test guest drives virtio-blk over virtio-mmio (real /dev/kvm)', fu
     expect(guestCheck(r, 'write-rejected-readonly')?.ok).to.equal(true);
   });
 
+  it('qcow (version 1, made by qemu-img), read-only: the guest reads the data qemu-io wrote', async function () {
+    const file = path.join(dir, 'disk.qcow');
+    execFileSync('qemu-img', ['create', '-q', '-f', 'qcow', file, String(SIZE)]);
+    qemuIo('qcow', file, ['write -P 0x45 0 1024']);
+    const r = await withDisk(file, true, (disk) => runGuest({ timeoutMs: 30000, disk }));
+    expectAllPassed(r);
+    const want = fnv1a64Words(Buffer.alloc(1024, 0x45));
+    expect(r.lines).to.include(`INFO hash sector=0 count=2 fnv=0x${want.toString(16)}`);
+  });
+
   it('qcow2, read-write: every check passes, qemu-img check is clean and qemu-io reads the patterns', async function () {
     const file = path.join(dir, 'disk.qcow2');
     execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', file, String(SIZE)]);

@@ -267,16 +267,13 @@ export class RefcountManager {
   }
 
   /**
-   * Changes the refcount of cluster `cluster` by `delta` in the cache. A refcount block is created
-   * when needed (only possible for increments). Rejects on underflow or overflow.
+   * Changes the refcount of cluster `cluster` by `delta` in the cache (the covering block must
+   * exist: `allocate` creates blocks). Rejects on underflow or overflow.
    */
   async adjust(cluster: number, delta: number): Promise<number> {
     const rtIdx = Math.floor(cluster / this.rbEntries);
-    let b = await this.#block(rtIdx);
-    if (!b) {
-      if (delta < 0) throw new DiskError('E_QCOW_CORRUPT', `Cannot decrease refcount of cluster ${cluster}: no refcount block covers it`);
-      b = await this.#ensureBlock(rtIdx);
-    }
+    const b = await this.#block(rtIdx);
+    if (!b) throw new DiskError('E_QCOW_CORRUPT', `Cannot change refcount of cluster ${cluster}: no refcount block covers it`);
     const idx = cluster % this.rbEntries;
     const old = getRefcount(b.data, idx, this.order);
     const next = old + delta;
@@ -311,60 +308,107 @@ export class RefcountManager {
     for (let c = first; c <= last; c++) await this.adjust(c, -1);
   }
 
-  /**
-   * Allocates `count` contiguous free clusters (refcount 0 → 1, in the cache) and returns the host
-   * offset of the first. Freed clusters are reused (lowest first); the image grows otherwise.
-   */
-  async allocate(count: number): Promise<number> {
-    if (!Number.isSafeInteger(count) || count < 1) throw new RangeError(`cluster count must be positive, got ${count}`);
-    const from = count === 1 ? this.#freeHint : Math.max(this.#freeHint, this.#runHint);
-    let start = from;
-    let run = 0;
-    for (let c = from; run < count; c++) {
-      if ((c + 1) * this.clusterSize > MAX_HOST_OFFSET) {
-        throw new DiskError('E_DISK_IO', `Cannot allocate ${count} clusters: the image would grow past ${hex(MAX_HOST_OFFSET)}`);
-      }
-      const rtIdx = Math.floor(c / this.rbEntries);
-      if (rtIdx >= this.#table.length) await this.#growTable(rtIdx);
-      if ((this.#table[rtIdx] ?? 0) === 0) await this.#ensureBlock(rtIdx);
-      const b = await this.#block(rtIdx);
-      const rc = b ? getRefcount(b.data, c % this.rbEntries, this.order) : 0;
-      if (rc === 0) {
-        if (run === 0) start = c;
-        run++;
-      } else {
-        run = 0;
-        if (c === this.#freeHint) this.#freeHint = c + 1;
-      }
+  /** True when cluster `c` is free: no table entry, no block, or refcount 0. */
+  async #isFree(c: number): Promise<boolean> {
+    const rtIdx = Math.floor(c / this.rbEntries);
+    if (rtIdx >= this.#table.length || (this.#table[rtIdx] ?? 0) === 0) return true;
+    const b = await this.#block(rtIdx);
+    return b ? getRefcount(b.data, c % this.rbEntries, this.order) === 0 : true;
+  }
+
+  /** Number of ranges without a refcount block among those that `[start, end)` touches. */
+  #missingBlocks(start: number, end: number): number {
+    let m = 0;
+    for (let r = Math.floor(start / this.rbEntries); r <= Math.floor((end - 1) / this.rbEntries); r++) {
+      if (r >= this.#table.length || (this.#table[r] ?? 0) === 0) m++;
     }
-    for (let c = start; c < start + count; c++) await this.adjust(c, 1);
-    if (start === this.#freeHint) this.#freeHint = start + count;
-    if (count > 1) this.#runHint = start + count;
-    return start * this.clusterSize;
+    return m;
   }
 
   /**
-   * Creates the refcount block for range `rtIdx`. No block means every cluster of the range is
-   * free, so the block goes to the range's first cluster and describes itself.
+   * Allocates `count` contiguous free clusters (refcount 0 → 1, in the cache) and returns the host
+   * offset of the first. Freed clusters are reused (lowest first); the image grows otherwise.
+   *
+   * Ranges without a refcount block are free. When the run touches such ranges, their new blocks
+   * go right after the run (so they never split it), describe each other, and are written and
+   * hooked into the table before this returns.
    */
-  async #ensureBlock(rtIdx: number): Promise<CachedBlock> {
-    if (rtIdx >= this.#table.length) await this.#growTable(rtIdx);
-    const existing = await this.#block(rtIdx);
-    if (existing) return existing;
-    const cluster = rtIdx * this.rbEntries;
-    const off = cluster * this.clusterSize;
-    const data = new Uint8Array(this.clusterSize);
-    setRefcount(data, 0, this.order, 1);
-    await this.file.write(data, off);
-    await this.file.sync();
+  async allocate(count: number): Promise<number> {
+    if (!Number.isSafeInteger(count) || count < 1) throw new RangeError(`cluster count must be positive, got ${count}`);
+    for (;;) {
+      const from = count === 1 ? this.#freeHint : Math.max(this.#freeHint, this.#runHint);
+      let start = from;
+      let len = 0; // free clusters from `start`
+      let m = 0;
+      for (let c = from; len < count + m; c++) {
+        if ((c + 1) * this.clusterSize > MAX_HOST_OFFSET) {
+          throw new DiskError('E_DISK_IO', `Cannot allocate ${count} clusters: the image would grow past ${hex(MAX_HOST_OFFSET)}`);
+        }
+        if (await this.#isFree(c)) {
+          if (len === 0) start = c;
+          len++;
+          m = this.#missingBlocks(start, start + len);
+        } else {
+          len = 0;
+          m = 0;
+          if (c === this.#freeHint) this.#freeHint = c + 1;
+        }
+      }
+      const end = start + count + m;
+      const lastRange = Math.floor((end - 1) / this.rbEntries);
+      if (lastRange >= this.#table.length) {
+        // The table itself must grow first; its new home may overlap this run, so search again.
+        await this.#growTable(lastRange);
+        continue;
+      }
+      if (m > 0) await this.#addBlocks(start, count, m);
+      for (let c = start; c < start + count; c++) await this.adjust(c, 1);
+      if (start === this.#freeHint) this.#freeHint = start + count + m;
+      if (count > 1) this.#runHint = start + count + m;
+      return start * this.clusterSize;
+    }
+  }
+
+  /**
+   * Creates the `m` missing refcount blocks for the ranges touched by `[start, start+count+m)`,
+   * placed at `start+count ...`. Every block cluster is counted (by a new block or an existing
+   * one); everything is written and synced before the table entries, which are synced too.
+   */
+  async #addBlocks(start: number, count: number, m: number): Promise<void> {
+    const end = start + count + m;
+    const ranges: number[] = [];
+    for (let r = Math.floor(start / this.rbEntries); r <= Math.floor((end - 1) / this.rbEntries); r++) {
+      if ((this.#table[r] ?? 0) === 0) ranges.push(r);
+    }
+    if (ranges.length !== m) throw new RangeError(`refcount block count mismatch: ${ranges.length} != ${m}`);
+    const fresh = new Map<number, CachedBlock>();
+    ranges.forEach((r, j) => {
+      fresh.set(r, { data: new Uint8Array(this.clusterSize), dirty: false });
+      this.#table[r] = (start + count + j) * this.clusterSize;
+    });
+    try {
+      for (let j = 0; j < m; j++) {
+        const c = start + count + j;
+        const r = Math.floor(c / this.rbEntries);
+        const nb = fresh.get(r);
+        if (nb) setRefcount(nb.data, c % this.rbEntries, this.order, 1);
+        else await this.adjust(c, 1); // an existing block (loaded through the cache)
+      }
+      for (const [r, nb] of fresh) await this.file.write(nb.data, this.#table[r] ?? 0);
+      await this.flush();
+      await this.file.sync();
+    } catch (e) {
+      for (const r of ranges) this.#table[r] = 0;
+      throw e;
+    }
     const entry = new Uint8Array(8);
-    new DataView(entry.buffer).setBigUint64(0, BigInt(off));
-    await this.file.write(entry, this.#tableOffset + rtIdx * 8);
+    const dv = new DataView(entry.buffer);
+    for (const r of ranges) {
+      dv.setBigUint64(0, BigInt(this.#table[r] ?? 0));
+      await this.file.write(entry, this.#tableOffset + r * 8);
+    }
     await this.file.sync();
-    this.#table[rtIdx] = off;
-    const b: CachedBlock = { data, dirty: false };
-    await this.#insert(rtIdx, b);
-    return b;
+    for (const [r, nb] of fresh) await this.#insert(r, nb);
   }
 
   /**

@@ -1,0 +1,32 @@
+/**
+ * Device suite: the virtio-blk device (simulated virtqueue driver + device, src/bench/device.ts)
+ * against the disk layer alone on the same raw image, so the table shows what the device adds per
+ * request. Peer = disk layer, vblk = through the device.
+ */
+import * as fs from 'node:fs';
+import { runDeviceBench } from './device';
+import type { BenchSuite, BenchRow } from './suite';
+
+export const deviceSuite: BenchSuite = {
+  name: 'device',
+  async run(ctx) {
+    const img = `${ctx.dir}/device.raw`;
+    ctx.progress('preparing a 256 MiB raw image for the device suite');
+    const fd = fs.openSync(img, 'w');
+    const chunk = Buffer.alloc(1 << 20, 0x5a);
+    for (let i = 0; i < 256; i++) fs.writeSync(fd, chunk, 0, chunk.length, i << 20);
+    fs.closeSync(fd);
+    ctx.progress('device suite: virtio-blk device vs disk layer');
+    const rows = await runDeviceBench({ image: img, seconds: Math.max(0.5, ctx.scale) });
+    return rows.map((r): BenchRow => {
+      const mib = r.blockSize >= 65536;
+      return {
+        name: `virtio-blk raw ${r.name}`,
+        unit: mib ? 'MiB/s' : 'IOPS',
+        peerName: 'disk layer',
+        peer: mib ? r.disk.mbps / 1.048576 : r.disk.iops,
+        vblk: mib ? r.device.mbps / 1.048576 : r.device.iops,
+      };
+    });
+  },
+};
