@@ -20,6 +20,7 @@ import { QCOW_MAGIC } from './qcow/header';
 import { openRaw } from './raw';
 import { openQcow2, combinePath } from './qcow/qcow2';
 import { openQcow1 } from './qcow/qcow1';
+import { openQcow2ReadWrite } from './qcow/qcow2-rw';
 
 /** Longest backing chain accepted (the image itself is depth 0). */
 export const MAX_BACKING_DEPTH = 64;
@@ -63,6 +64,7 @@ export const FORMATS: Record<ImageFormat, { readonly readOnly: FormatOpener; rea
   },
   qcow2: {
     readOnly: (file, ctx) => openQcow2(file, qcowOpts(ctx)),
+    readWrite: (file, ctx) => openQcow2ReadWrite(file, qcowOpts(ctx)),
   },
 };
 

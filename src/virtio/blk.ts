@@ -414,6 +414,11 @@ class BlkQueueWorker implements BlkRequestHost {
   finish(head: number, usedLen: number): void {
     this.queue.addUsed(head, usedLen);
     if (this.#draining) return; // published at the end of drain()
+    if (this.queue.inFlight === 0 && !this.#publishScheduled) {
+      // Nothing else can join this batch: publish now rather than one loop turn later (QD1 latency).
+      this.#publish();
+      return;
+    }
     if (!this.#publishScheduled) {
       this.#publishScheduled = true;
       setImmediate(this.#publishCb);

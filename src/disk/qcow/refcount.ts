@@ -155,6 +155,8 @@ export class RefcountManager {
    * whole image.
    */
   #runHint = 0;
+  /** Host offsets of every refcount block (for metadata-overlap checks). */
+  readonly #blockSet = new Set<number>();
   /** Called after the table moved (offset, clusters), so the owner can update its header copy. */
   onTableMoved: ((offset: number, clusters: number) => void) | undefined;
 
@@ -168,6 +170,17 @@ export class RefcountManager {
     this.#tableClusters = layout.tableClusters;
     this.#table = table;
     this.#maxCached = Math.max(16, Math.floor((8 * 1024 * 1024) / this.clusterSize));
+    for (const off of table) if (off !== 0) this.#blockSet.add(off);
+  }
+
+  /**
+   * True when the cluster at host offset `offset` holds refcount metadata (the table or a block):
+   * data must never be written there.
+   */
+  isMetadata(offset: number): boolean {
+    const c = Math.floor(offset / this.clusterSize) * this.clusterSize;
+    if (c >= this.#tableOffset && c < this.#tableOffset + this.#tableClusters * this.clusterSize) return true;
+    return this.#blockSet.has(c);
   }
 
   /** Reads and validates the refcount table. */
@@ -408,6 +421,7 @@ export class RefcountManager {
       await this.file.write(entry, this.#tableOffset + r * 8);
     }
     await this.file.sync();
+    for (const r of ranges) this.#blockSet.add(this.#table[r] ?? 0);
     for (const [r, nb] of fresh) await this.#insert(r, nb);
   }
 
@@ -468,6 +482,7 @@ export class RefcountManager {
     this.#tableOffset = tableOffset;
     this.#tableClusters = tableClusters;
     for (let j = 0; j < k; j++) {
+      this.#blockSet.add((base + j) * cs);
       const blk = blocks[j];
       if (blk) await this.#insert(g + j, { data: blk, dirty: false });
     }

@@ -1,0 +1,516 @@
+/**
+ * qcow2 write path: cluster and L2 allocation, copy-on-write, zero clusters, discard, and the
+ * flush that orders metadata for crash consistency. `Qcow2Writer` wraps H1's `Qcow2State` (the
+ * parsed header, L1 words, L2 cache, backing image) and adds a `RefcountManager`.
+ *
+ * Ordering (reference/qcow2.md section 5.2, as QEMU's qcow2-cluster.c / qcow2-refcount.c):
+ * - Allocation: refcount +1 in the refcount cache; data (with COW head/tail) written; then the L2
+ *   entry is set in the L2 cache. Every L2 table write (flush or eviction) is preceded by writing
+ *   the dirty refcount blocks and an fdatasync, so refcounts and data are durable before the L2
+ *   entry that points at them.
+ * - New or copied L2 table: refcounts written, table written, fdatasync, then the L1 entry.
+ * - Freeing: the entry is dropped in the L2 cache and the cluster queued; its refcount is only
+ *   decremented after a flush has made the L2 update durable (and after in-flight writes that may
+ *   still target it have finished), so a freed cluster is never reused while an on-disk entry
+ *   could still point at it.
+ * - Guest flush: refcount blocks, fdatasync, L2 tables, fdatasync, then the queued frees.
+ *
+ * Concurrency: writes to clusters that are allocated with COPIED go straight to the file (a
+ * synchronous cache lookup, no lock). Everything that changes metadata runs under one async mutex
+ * per image (correctness first: allocations are serialised).
+ */
+import { DiskError, hex } from '../../errors';
+import type { DiskImage } from '../disk-image';
+import type { BlockStatus, ImageDescription } from '../types';
+import type { ByteReader } from './chain';
+import { readBytesAt } from './chain';
+import { inflateCluster } from './compress';
+import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS } from './header';
+import { L2Table } from './l2-cache';
+import { Kind, type Qcow2State } from './qcow2';
+import { RefcountManager } from './refcount';
+
+/** High-word flags of L1/L2 entries. */
+const HI_COPIED = 0x80000000;
+const HI_COMPRESSED = 0x40000000;
+const HI_OFFSET = 0x00ffffff;
+const LO_OFFSET = 0xfffffe00;
+const LO_ZERO = 1;
+const TWO32 = 0x100000000;
+const COPIED = 1n << 63n;
+const ZERO_FLAG = 1n;
+
+/** A minimal async mutex (FIFO). */
+export class Mutex {
+  #tail: Promise<void> = Promise.resolve();
+
+  /** Runs `fn` when every earlier `run` has finished. */
+  run<T>(fn: () => Promise<T>): Promise<T> {
+    const prev = this.#tail;
+    let release!: () => void;
+    this.#tail = new Promise<void>((r) => (release = r));
+    return prev.then(fn).finally(release);
+  }
+}
+
+interface Freed {
+  readonly offset: number;
+  readonly bytes: number;
+}
+
+/** The read-write state of an open qcow2 image (`DiskImage.priv` of the read-write table). */
+export class Qcow2Writer implements ByteReader {
+  readonly s: Qcow2State;
+  readonly rc: RefcountManager;
+  readonly lock = new Mutex();
+  readonly #pendingFree: Freed[] = [];
+  readonly #inflight = new Set<Promise<unknown>>();
+  /** Host offsets of L2 tables referenced by the active L1 (overlap checks). */
+  readonly #l2Set = new Set<number>();
+  /** Modification counters of L2 tables (a write-back only marks a table clean if unchanged). */
+  readonly #versions = new WeakMap<L2Table, number>();
+  #prepared = false;
+  /** We set the dirty bit (lazy refcounts) and must clear it at a clean close. */
+  #setDirty = false;
+  /** A fatal inconsistency was found: refuse further writes. */
+  #broken: DiskError | undefined;
+  readonly v3: boolean;
+
+  constructor(s: Qcow2State, rc: RefcountManager) {
+    this.s = s;
+    this.rc = rc;
+    this.v3 = s.header.version === 3;
+    rc.onTableMoved = (off, n) => {
+      s.header.refcountTableOffset = off;
+      s.header.refcountTableClusters = n;
+    };
+    for (let i = 0; i < s.l1Size; i++) {
+      const off = s.l2Offset(i);
+      if (off !== 0) this.#l2Set.add(off);
+    }
+    s.l2Cache.setWriteBack((t) => this.#writeBackOne(t));
+  }
+
+  get backing(): DiskImage | undefined {
+    return this.s.backing;
+  }
+
+  get clusterSize(): number {
+    return this.s.clusterSize;
+  }
+
+  readAt(offset: number, buf: Uint8Array): Promise<void> {
+    return this.s.readAt(offset, buf);
+  }
+
+  blockStatus(offset: number, length: number): Promise<BlockStatus> {
+    return this.s.blockStatus(offset, length);
+  }
+
+  describe(): ImageDescription {
+    return this.s.describe();
+  }
+
+  // ---------------------------------------------------------------- helpers
+
+  #fileWrite(buf: Uint8Array, pos: number): Promise<void> {
+    if (pos + buf.length > this.s.fileSize) this.s.fileSize = pos + buf.length;
+    return this.s.file.write(buf, pos);
+  }
+
+  #markDirty(t: L2Table): void {
+    this.#versions.set(t, (this.#versions.get(t) ?? 0) + 1);
+    this.s.l2Cache.markDirty(t);
+  }
+
+  /** True when the cluster at `host` holds metadata that data must never overwrite. */
+  #isMetadata(host: number): boolean {
+    const s = this.s;
+    const c = Math.floor(host / s.clusterSize) * s.clusterSize;
+    if (c === 0) return true;
+    const l1 = s.header.l1TableOffset;
+    if (c >= l1 && c < l1 + Math.max(8, s.l1Size * 8)) return true;
+    return this.rc.isMetadata(c) || this.#l2Set.has(c);
+  }
+
+  /** Marks the image corrupt (incompatible bit 1) and refuses further writes, as QEMU does. */
+  async #corrupt(msg: string): Promise<never> {
+    const err = new DiskError('E_QCOW_CORRUPT', `Cannot write ${this.s.path}: ${msg}; the image is now marked corrupt`);
+    this.#broken = err;
+    if (this.v3) {
+      this.s.header.incompatibleFeatures |= INCOMPAT_CORRUPT;
+      await this.#writeFeatures().catch(() => undefined);
+    }
+    throw err;
+  }
+
+  #checkUsable(): void {
+    if (this.#broken) throw this.#broken;
+  }
+
+  /** Writes the three v3 feature bitmaps (bytes 72..95 of the header) and syncs. */
+  async #writeFeatures(): Promise<void> {
+    const h = this.s.header;
+    const b = Buffer.alloc(24);
+    b.writeBigUInt64BE(BigInt.asUintN(64, h.incompatibleFeatures), 0);
+    b.writeBigUInt64BE(BigInt.asUintN(64, h.compatibleFeatures), 8);
+    b.writeBigUInt64BE(BigInt.asUintN(64, h.autoclearFeatures), 16);
+    await this.s.file.write(b, 72);
+    await this.s.file.sync();
+  }
+
+  /**
+   * Before the first change: clear autoclear bits (vblk maintains no bitmaps) and, with lazy
+   * refcounts, set the dirty bit (synced before anything else is written).
+   */
+  async #prepare(): Promise<void> {
+    if (this.#prepared) return;
+    const h = this.s.header;
+    if (this.v3) {
+      let change = false;
+      if (h.autoclearFeatures !== 0n) {
+        h.autoclearFeatures = 0n;
+        change = true;
+      }
+      if ((h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n && (h.incompatibleFeatures & INCOMPAT_DIRTY) === 0n) {
+        h.incompatibleFeatures |= INCOMPAT_DIRTY;
+        this.#setDirty = true;
+        change = true;
+      }
+      if (change) await this.#writeFeatures();
+    }
+    this.#prepared = true;
+  }
+
+  /** Keeps a fast-path write registered until it settles (flush waits before reusing clusters). */
+  #track<T>(p: Promise<T>): Promise<T> {
+    this.#inflight.add(p);
+    const done = (): void => {
+      this.#inflight.delete(p);
+    };
+    p.then(done, done);
+    return p;
+  }
+
+  /** The L1 entry `i` as (hi, lo) words. */
+  #l1Hi(i: number): number {
+    return this.s.l1[2 * i] ?? 0;
+  }
+
+  async #table(l2off: number): Promise<L2Table> {
+    for (;;) {
+      const t = this.s.l2Cache.peek(l2off) ?? (await this.s.l2Cache.get(l2off));
+      // The cache may have replaced it while we awaited; use the live object.
+      if (this.s.l2Cache.peek(l2off) === t) return t;
+    }
+  }
+
+  async #writeL1Entry(i: number, value: bigint): Promise<void> {
+    const b = Buffer.alloc(8);
+    b.writeBigUInt64BE(value);
+    await this.#fileWrite(b, this.s.header.l1TableOffset + i * 8);
+    this.s.l1[2 * i] = Number(value >> 32n);
+    this.s.l1[2 * i + 1] = Number(value & 0xffffffffn);
+  }
+
+  /**
+   * The L2 table for L1 index `l1i`, ready to be modified: allocated when missing, copied when
+   * shared with a snapshot (L1 entry without COPIED). Call under the lock.
+   */
+  async #writableTable(l1i: number): Promise<L2Table> {
+    const s = this.s;
+    const l2off = s.l2Offset(l1i);
+    if (l2off !== 0 && this.#l1Hi(l1i) & HI_COPIED) return this.#table(l2off);
+    const old = l2off !== 0 ? await this.#table(l2off) : undefined;
+    const newOff = await this.rc.allocate(1);
+    if (this.#isMetadata(newOff)) await this.#corrupt(`allocator returned metadata cluster ${hex(newOff)} for an L2 table`);
+    const words = old ? old.words.slice() : new Uint32Array((s.clusterSize / 4) | 0);
+    const t = new L2Table(newOff, words, old ? old.stride : 2);
+    try {
+      await this.rc.flush();
+      await this.#fileWrite(t.encode(), newOff);
+      await s.file.sync();
+    } catch (e) {
+      await this.rc.adjust(newOff / s.clusterSize, -1).catch(() => undefined); // nothing references it
+      throw e;
+    }
+    // From here a failure may leave the L1 entry on disk: never release the new table then.
+    await this.#writeL1Entry(l1i, BigInt(newOff) | COPIED);
+    this.#l2Set.add(newOff);
+    await s.l2Cache.insert(t);
+    if (old) this.#pendingFree.push({ offset: old.offset, bytes: s.clusterSize });
+    return t;
+  }
+
+  /** Contents a partial write into an unallocated/zero/compressed/shared cluster starts from. */
+  async #cowSource(kind: 'zero' | 'backing' | 'data' | 'compressed', clusterStart: number, host: number, entry: bigint): Promise<Uint8Array> {
+    const s = this.s;
+    const cs = s.clusterSize;
+    if (kind === 'zero') return new Uint8Array(cs);
+    if (kind === 'backing') {
+      const b = new Uint8Array(cs);
+      if (s.backing) await readBytesAt(s.backing, clusterStart, b);
+      return b;
+    }
+    if (kind === 'data') {
+      const b = new Uint8Array(cs);
+      const n = await s.file.read(b, host);
+      if (n < cs) b.fill(0, n);
+      return b;
+    }
+    const ext = s.compressedExtent(entry);
+    const raw = Buffer.alloc(Math.max(0, Math.min(ext.length, s.fileSize - ext.host)));
+    const n = await s.file.read(raw, ext.host);
+    return inflateCluster(raw.subarray(0, n), cs, ext.host);
+  }
+
+  /** Host byte range an L2 entry holds a reference to (for freeing), or undefined. */
+  #referenced(entry: bigint): Freed | undefined {
+    const s = this.s;
+    if (entry & (1n << 62n)) {
+      const ext = s.compressedExtent(entry);
+      const start = ext.host - (ext.host % 512);
+      const sectors = Number((entry >> s.csizeShift) & s.csizeMask) + 1;
+      return { offset: start, bytes: sectors * 512 };
+    }
+    const off = Number(entry & 0x00fffffffffffe00n);
+    return off !== 0 ? { offset: off, bytes: s.clusterSize } : undefined;
+  }
+
+  // ---------------------------------------------------------------- writes
+
+  /**
+   * Writes `data` at guest offset `off`; the range must lie inside one cluster.
+   */
+  writeInCluster(off: number, data: Uint8Array): Promise<void> {
+    this.#checkUsable();
+    const fast = this.#tryInPlace(off, data);
+    if (fast) return fast;
+    return this.lock.run(() => this.#writeLocked(off, data));
+  }
+
+  /** Synchronous check for an in-place write (allocated, COPIED, not zero); else undefined. */
+  #tryInPlace(off: number, data: Uint8Array): Promise<void> | undefined {
+    const s = this.s;
+    if (!this.#prepared) return undefined;
+    const ci = Math.floor(off / s.clusterSize);
+    const l1i = Math.floor(ci / s.l2Entries);
+    const l2off = s.l2Offset(l1i);
+    if (l2off === 0) return undefined;
+    const t = s.l2Cache.peek(l2off);
+    if (!t) return undefined;
+    const i = (ci - l1i * s.l2Entries) * t.stride;
+    const hi = t.words[i] ?? 0;
+    const lo = t.words[i + 1] ?? 0;
+    if ((hi & (HI_COPIED | HI_COMPRESSED)) !== HI_COPIED || lo & LO_ZERO) return undefined;
+    const host = (hi & HI_OFFSET) * TWO32 + ((lo & LO_OFFSET) >>> 0);
+    if (host === 0 || host % s.clusterSize !== 0 || this.#isMetadata(host)) return undefined; // slow path reports it
+    return this.#track(this.#fileWrite(data, host + (off - ci * s.clusterSize)));
+  }
+
+  async #writeLocked(off: number, data: Uint8Array): Promise<void> {
+    this.#checkUsable();
+    await this.#prepare();
+    const s = this.s;
+    const cs = s.clusterSize;
+    const ci = Math.floor(off / cs);
+    const clusterStart = ci * cs;
+    const inCluster = off - clusterStart;
+    const l1i = Math.floor(ci / s.l2Entries);
+    const l2i = ci - l1i * s.l2Entries;
+    // Without an L2 table and without a backing file, nothing to copy: allocate directly.
+    const t = await this.#writableTable(l1i);
+    const entry = t.entry(l2i);
+    const hi = Number(entry >> 32n);
+    const lo = Number(entry & 0xffffffffn);
+    const host = (hi & HI_OFFSET) * TWO32 + ((lo & LO_OFFSET) >>> 0);
+    const compressed = (hi & HI_COMPRESSED) !== 0;
+    const zero = !compressed && (lo & LO_ZERO) !== 0;
+    if (!compressed && host !== 0 && host % cs !== 0) {
+      await this.#corrupt(`L2 entry ${l2i} of table ${hex(t.offset)} (${hex(entry)}) has unaligned offset ${hex(host)}`);
+    }
+    if (!compressed && host !== 0 && this.#isMetadata(host)) {
+      await this.#corrupt(`L2 entry ${l2i} of table ${hex(t.offset)} points at metadata cluster ${hex(host)}`);
+    }
+    const full = inCluster === 0 && data.length === cs;
+    const copied = (hi & HI_COPIED) !== 0;
+    if (!compressed && host !== 0 && copied && !zero) {
+      // Allocated in place (raced with the fast path's conditions): just write.
+      await this.#track(this.#fileWrite(data, host + inCluster));
+      return;
+    }
+    if (!compressed && host !== 0 && copied && zero) {
+      // ZERO_ALLOC owned by us: rewrite the whole cluster in place, then clear the zero flag.
+      const buf = full ? data : new Uint8Array(cs);
+      if (!full) buf.set(data, inCluster);
+      await this.#track(this.#fileWrite(buf, host));
+      t.setEntry(l2i, BigInt(host) | COPIED);
+      this.#markDirty(t);
+      return;
+    }
+    // A new cluster. Where the rest of it comes from:
+    let source: 'zero' | 'backing' | 'data' | 'compressed' = 'zero';
+    if (compressed) source = 'compressed';
+    else if (zero) source = 'zero';
+    else if (host !== 0) source = 'data';
+    else if (s.backing && clusterStart < s.backing.size) source = 'backing';
+    const newHost = await this.rc.allocate(1);
+    try {
+      if (this.#isMetadata(newHost)) await this.#corrupt(`allocator returned metadata cluster ${hex(newHost)} for data`);
+      const fresh = newHost >= s.fileSize; // past EOF: reads as zeroes already
+      if (full) {
+        await this.#fileWrite(data, newHost);
+      } else if (source === 'zero' && fresh) {
+        await this.#fileWrite(data, newHost + inCluster);
+      } else {
+        const buf = await this.#cowSource(source, clusterStart, host, entry);
+        buf.set(data, inCluster);
+        await this.#fileWrite(buf, newHost);
+      }
+    } catch (e) {
+      if (!this.#broken) await this.rc.adjust(newHost / cs, -1).catch(() => undefined); // unreferenced
+      throw e;
+    }
+    const old = compressed || host !== 0 ? this.#referenced(entry) : undefined;
+    t.setEntry(l2i, BigInt(newHost) | COPIED);
+    this.#markDirty(t);
+    if (old) this.#pendingFree.push(old);
+  }
+
+  /**
+   * Makes `[off, off+len)` read as zeroes (`mode: 'zero'`) or deallocates it (`'discard'`).
+   * Whole clusters change their L2 entry; partial clusters are written with zeroes (zero mode) or
+   * left alone (discard: advisory, as QEMU).
+   */
+  async zeroRange(off: number, len: number, mode: 'zero' | 'discard', unmap: boolean): Promise<void> {
+    this.#checkUsable();
+    const cs = this.s.clusterSize;
+    let cur = off;
+    const end = off + len;
+    while (cur < end) {
+      const ce = Math.min(end, (Math.floor(cur / cs) + 1) * cs);
+      const n = ce - cur;
+      if (n === cs) await this.lock.run(() => this.#zeroCluster(cur, mode, unmap));
+      else if (mode === 'zero') await this.lock.run(() => this.#zeroPartial(cur, n));
+      cur = ce;
+    }
+    if (this.#pendingFree.length > 4096) await this.flush();
+  }
+
+  async #zeroPartial(off: number, n: number): Promise<void> {
+    const s = this.s;
+    const m = await s.lookup(off);
+    // Already zero: unallocated without a backing file, or a zero cluster.
+    if (m.kind === Kind.Zero || (m.kind === Kind.Unallocated && !(s.backing && off < s.backing.size))) return;
+    await this.#writeLocked(off, new Uint8Array(n));
+  }
+
+  async #zeroCluster(off: number, mode: 'zero' | 'discard', unmap: boolean): Promise<void> {
+    this.#checkUsable();
+    const s = this.s;
+    const cs = s.clusterSize;
+    const ci = off / cs;
+    const l1i = Math.floor(ci / s.l2Entries);
+    const l2i = ci - l1i * s.l2Entries;
+    const hasBacking = s.backing !== undefined && off < s.backing.size;
+    if (s.l2Offset(l1i) === 0 && !hasBacking) return; // reads as zero already
+    if (!this.v3) {
+      if (hasBacking) {
+        // v2 has no zero flag: discard is a no-op, zeroing writes zeroes.
+        if (mode === 'zero') await this.#writeLocked(off, new Uint8Array(cs));
+        return;
+      }
+    }
+    await this.#prepare();
+    const t = await this.#writableTable(l1i);
+    const entry = t.entry(l2i);
+    const hi = Number(entry >> 32n);
+    const lo = Number(entry & 0xffffffffn);
+    const compressed = (hi & HI_COMPRESSED) !== 0;
+    const host = compressed ? 0 : (hi & HI_OFFSET) * TWO32 + ((lo & LO_OFFSET) >>> 0);
+    const zero = !compressed && (lo & LO_ZERO) !== 0;
+    let next: bigint;
+    if (!this.v3) next = 0n;
+    else if (mode === 'zero' && !unmap && !compressed && host !== 0 && hi & HI_COPIED) {
+      if (zero) return;
+      next = BigInt(host) | COPIED | ZERO_FLAG; // ZERO_ALLOC: keep the cluster
+    } else if (mode === 'zero' || hasBacking) next = ZERO_FLAG; // ZERO_PLAIN
+    else next = 0n;
+    if (next === entry) return;
+    const old = next & 0x00fffffffffffe00n ? undefined : this.#referenced(entry);
+    t.setEntry(l2i, next);
+    this.#markDirty(t);
+    if (old) this.#pendingFree.push(old);
+  }
+
+  // ---------------------------------------------------------------- flush
+
+  /** Snapshot of the dirty L2 tables (bytes taken now; cleaned only if unchanged when written). */
+  #dirtyTables(): { t: L2Table; v: number; bytes: Buffer }[] {
+    const out: { t: L2Table; v: number; bytes: Buffer }[] = [];
+    for (const t of this.s.l2Cache.tables()) if (t.dirty) out.push({ t, v: this.#versions.get(t) ?? 0, bytes: t.encode() });
+    return out.sort((a, b) => a.t.offset - b.t.offset);
+  }
+
+  /** Eviction write-back of one table: refcounts first, sync, then the table. */
+  async #writeBackOne(t: L2Table): Promise<void> {
+    t.dirty = true; // keep it pinned in the cache until written
+    const v = this.#versions.get(t) ?? 0;
+    const bytes = t.encode();
+    await this.rc.flush();
+    await this.s.file.sync();
+    await this.#fileWrite(bytes, t.offset);
+    if ((this.#versions.get(t) ?? 0) === v) t.dirty = false;
+  }
+
+  /** Makes every completed write durable, then releases the clusters freed before it. */
+  flush(): Promise<void> {
+    return this.lock.run(() => this.#flushLocked());
+  }
+
+  async #flushLocked(): Promise<void> {
+    const s = this.s;
+    const inflight = [...this.#inflight];
+    const frees = this.#pendingFree.splice(0);
+    const tables = this.#dirtyTables();
+    try {
+      await this.rc.flush();
+      await s.file.sync();
+      for (const x of tables) await this.#fileWrite(x.bytes, x.t.offset);
+      await s.file.sync();
+    } catch (e) {
+      this.#pendingFree.unshift(...frees);
+      throw e;
+    }
+    for (const x of tables) if ((this.#versions.get(x.t) ?? 0) === x.v) x.t.dirty = false;
+    if (frees.length > 0) {
+      await Promise.allSettled(inflight);
+      for (const f of frees) await this.rc.release(f.offset, f.bytes);
+      s.dropInflated();
+    }
+  }
+
+  /** Flush, clear the dirty bit we set, release the file. */
+  async close(): Promise<void> {
+    let err: unknown;
+    try {
+      await this.flush(); // releases queued frees into the refcount cache; written below
+      await this.lock.run(async () => {
+        await this.rc.flush();
+        await this.s.file.sync();
+        if (this.#setDirty && !this.#broken) {
+          this.s.header.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+          await this.#writeFeatures();
+        }
+      });
+    } catch (e) {
+      err = e;
+    }
+    try {
+      if (this.s.backing) await this.s.backing.close();
+    } finally {
+      await this.s.file.close();
+    }
+    if (err !== undefined) throw err;
+  }
+}

@@ -1,0 +1,112 @@
+/**
+ * The read-write qcow2 ops table and its opener (plugged into `FORMATS.qcow2.readWrite` in
+ * open.ts). Reads go through H1's `Qcow2State` (which sees the write path's dirty L2 tables in
+ * the shared cache); writes, zeroes, discards and flushes go through `Qcow2Writer` (alloc.ts).
+ *
+ * Refused for writing: the corrupt bit (repair first with `vblk check -r all`), extended L2
+ * entries, external data files, encryption, compression types other than deflate (the read-only
+ * open refuses the last three already). An image opened with the dirty bit set (lazy refcounts
+ * after a crash) has its refcounts rebuilt first, as QEMU does.
+ */
+import { DiskError } from '../../errors';
+import { DiskImage } from '../disk-image';
+import type { ImageFile } from '../file';
+import type { DiskImageOps } from '../types';
+import { SECTOR_SIZE } from '../types';
+import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2 } from './header';
+import { openQcow2State, type Qcow2OpenOptions } from './qcow2';
+import { RefcountManager } from './refcount';
+import { Qcow2Writer } from './alloc';
+import { repairRefcounts } from './check';
+
+/** Splits `[off, off+len)` at cluster boundaries. */
+function* clusterPieces(off: number, len: number, cs: number): Generator<[number, number, number]> {
+  let pos = 0;
+  while (pos < len) {
+    const cur = off + pos;
+    const n = Math.min(len - pos, cs - (cur % cs));
+    yield [cur, pos, n];
+    pos += n;
+  }
+}
+
+/** The qcow2 read-write ops table. */
+export const qcow2ReadWriteOps: DiskImageOps<Qcow2Writer> = {
+  name: 'qcow2-rw',
+  readSector(disk, sector, buf) {
+    const s = disk.priv.s;
+    const p = s.readFast(sector * SECTOR_SIZE, buf) ?? s.readAt(sector * SECTOR_SIZE, buf);
+    return p.then(() => buf.length);
+  },
+  async writeSector(disk, sector, buf) {
+    const w = disk.priv;
+    const off = sector * SECTOR_SIZE;
+    const cs = w.clusterSize;
+    if (off % cs + buf.length <= cs) {
+      await w.writeInCluster(off, buf);
+    } else {
+      const parts: Promise<void>[] = [];
+      for (const [cur, pos, n] of clusterPieces(off, buf.length, cs)) parts.push(w.writeInCluster(cur, buf.subarray(pos, pos + n)));
+      const results = await Promise.allSettled(parts);
+      const bad = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (bad) throw bad.reason;
+    }
+    return buf.length;
+  },
+  flush(disk) {
+    return disk.priv.flush();
+  },
+  close(disk) {
+    return disk.priv.close();
+  },
+  discard(disk, sector, count) {
+    return disk.priv.zeroRange(sector * SECTOR_SIZE, count * SECTOR_SIZE, 'discard', true);
+  },
+  writeZeroes(disk, sector, count, unmap) {
+    return disk.priv.zeroRange(sector * SECTOR_SIZE, count * SECTOR_SIZE, 'zero', unmap);
+  },
+  blockStatus(disk, offset, length) {
+    return disk.priv.blockStatus(offset, length);
+  },
+  describe(disk) {
+    return disk.priv.describe();
+  },
+};
+
+/**
+ * Opens a qcow2 image read-write over an open, writable file (closing it when opening fails).
+ *
+ * @throws DiskError E_QCOW_CORRUPT (corrupt bit set), E_QCOW_UNSUPPORTED (a feature the write
+ *   path does not implement), and everything `openQcow2State` throws.
+ */
+export async function openQcow2ReadWrite(file: ImageFile, opts: Qcow2OpenOptions): Promise<DiskImage<Qcow2Writer>> {
+  let writer: Qcow2Writer | undefined;
+  try {
+    let state = await openQcow2State(file, opts);
+    let h = state.header;
+    if (h.incompatibleFeatures & INCOMPAT_CORRUPT) {
+      throw new DiskError('E_QCOW_CORRUPT', `Cannot open ${opts.path} read-write: the image is marked corrupt (incompatible bit 1); open it read-only or repair it with "vblk check -r all"`);
+    }
+    if (h.incompatibleFeatures & INCOMPAT_EXTL2) {
+      throw new DiskError('E_QCOW_UNSUPPORTED', `Cannot open ${opts.path} read-write: writing images with extended L2 entries is not supported; open it read-only`);
+    }
+    if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
+      // Lazy refcounts after an unclean close: rebuild the refcounts, clear the bit, reopen state.
+      if (state.backing) await state.backing.close();
+      await repairRefcounts(file, h, { clearDirty: true });
+      state = await openQcow2State(file, opts);
+      h = state.header;
+    }
+    const rc = await RefcountManager.load(file, {
+      clusterBits: h.clusterBits,
+      refcountOrder: h.refcountOrder,
+      tableOffset: h.refcountTableOffset,
+      tableClusters: h.refcountTableClusters,
+    });
+    writer = new Qcow2Writer(state, rc);
+  } catch (e) {
+    await file.close().catch(() => undefined);
+    throw e;
+  }
+  return new DiskImage<Qcow2Writer>({ path: opts.path, format: 'qcow2', size: writer.s.size, readonly: false, ops: qcow2ReadWriteOps, priv: writer });
+}
