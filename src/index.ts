@@ -40,3 +40,17 @@ export type { VcpuExit } from './kvm/vcpu';
 export { EventFdReader } from './kvm/eventfd-reader';
 export { runGuest, GUEST_LAYOUT } from './kvm/run-guest';
 export type { RunGuestOptions, GuestRunReport, GuestCheck } from './kvm/run-guest';
+// vhost-user-blk back-end (src/transport/vhost-user; `vblk serve`)
+export { VhostUserServer, mmapRegionMapper } from './transport/vhost-user/server';
+export type { VhostUserServerOptions } from './transport/vhost-user/server';
+export { VhostUserBackend, OFFERED_PROTOCOL_FEATURES } from './transport/vhost-user/backend';
+export type { BackendEnv, HandleResult } from './transport/vhost-user/backend';
+export { MemoryTable } from './transport/vhost-user/memory-table';
+export type { RegionMapper, RegionMapping } from './transport/vhost-user/memory-table';
+export { MessageDecoder, encodeMessage, encodeReply } from './transport/vhost-user/codec';
+export type { VhostUserMessage } from './transport/vhost-user/codec';
+export { VHOST_USER, PROTOCOL_F } from './transport/vhost-user/protocol';
+export { bootGuest, guestUnavailableReason } from './transport/vhost-user/qemu-guest';
+export type { BootOptions, BootResult } from './transport/vhost-user/qemu-guest';
+export { serveImage } from './cli/commands/serve';
+export type { ServeOptions, Serving } from './cli/commands/serve';

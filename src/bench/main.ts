@@ -17,10 +17,12 @@ import { parseSize } from '../cli/args';
 import { formatTable, type BenchRow, type BenchSuite } from './suite';
 import { readSuite } from './read';
 import { deviceSuite } from './device-suite';
+import { writeSuite } from './write';
 
 /** Every suite, in table order. Add a suite with one line here. */
 export const SUITES: BenchSuite[] = [
   readSuite,
+  writeSuite,
   deviceSuite,
 ];
 

@@ -30,3 +30,32 @@ export class UsageError extends VblkError {
     super('E_USAGE', message);
   }
 }
+
+/** Progress output of a long command (`-p`), as qemu-img prints it. */
+export interface ProgressPrinter {
+  /** `done` of the total bytes are finished. */
+  update(done: number): void;
+  /** Prints the final `(100.00/100%)` line. */
+  finish(): void;
+}
+
+/**
+ * qemu-img's `-p` progress: `    (NN.NN/100%)` rewritten in place on a TTY (at most every 0.5%),
+ * and only the final line when stdout is not a TTY (a log file should not fill with `\r` lines).
+ */
+export function progressPrinter(io: CliIO, total: number): ProgressPrinter {
+  const tty = io.stdout.isTTY === true;
+  let last = -1;
+  return {
+    update(done) {
+      if (!tty) return;
+      const pct = total === 0 ? 100 : (done / total) * 100;
+      if (pct - last < 0.5 && pct < 100) return;
+      last = pct;
+      io.stdout.write(`    (${pct.toFixed(2)}/100%)\r`);
+    },
+    finish() {
+      io.stdout.write('    (100.00/100%)\n');
+    },
+  };
+}

@@ -20,10 +20,14 @@ import { ioCommand } from './commands/io';
 import { benchCommand } from './commands/bench';
 import { runCommand } from './commands/run';
 import { serveCommand } from './commands/serve';
+import { createCommand } from './commands/create';
+import { checkCommand } from './commands/check';
 
 /** Every command, in `vblk --help` order. */
 export const COMMANDS: readonly Command[] = [
   infoCommand,
+  createCommand,
+  checkCommand,
   mapCommand,
   compareCommand,
   convertCommand,

@@ -21,6 +21,7 @@ import { openRaw } from './raw';
 import { openQcow2, combinePath } from './qcow/qcow2';
 import { openQcow1 } from './qcow/qcow1';
 import { openQcow2ReadWrite } from './qcow/qcow2-rw';
+import { openQcow1ReadWrite } from './qcow/qcow1-rw';
 
 /** Longest backing chain accepted (the image itself is depth 0). */
 export const MAX_BACKING_DEPTH = 64;
@@ -61,6 +62,7 @@ export const FORMATS: Record<ImageFormat, { readonly readOnly: FormatOpener; rea
   },
   qcow: {
     readOnly: (file, ctx) => openQcow1(file, qcowOpts(ctx)),
+    readWrite: (file, ctx) => openQcow1ReadWrite(file, qcowOpts(ctx)),
   },
   qcow2: {
     readOnly: (file, ctx) => openQcow2(file, qcowOpts(ctx)),

@@ -13,6 +13,7 @@ import { arg, callI64, checkErrno } from './library';
 import { TransportError } from '../errors';
 
 const EAGAIN = 11;
+const EMPTY = Buffer.alloc(0);
 /** Most descriptors one vhost-user message may carry (SET_MEM_TABLE: 8 regions). */
 export const MAX_MESSAGE_FDS = 16;
 
@@ -103,7 +104,7 @@ export type PollMode = 'eventfd' | 'oneshot';
 export class Poller {
   readonly #id: number;
   readonly #pipe: net.Socket;
-  #rest: Buffer = Buffer.alloc(0);
+  #rest: Buffer = EMPTY;
   #closed = false;
 
   /** @param onToken called on the event loop for every readiness token. */
@@ -112,11 +113,11 @@ export class Poller {
     const pipeFd = checkErrno(callI64('vblk', 'vblk_poller_pipe', [arg.i32(this.#id)]), 'get the poller pipe');
     this.#pipe = new net.Socket({ fd: pipeFd, readable: true, writable: false });
     this.#pipe.on('data', (chunk: Buffer) => {
-      let data = this.#rest.length > 0 ? Buffer.concat([this.#rest, chunk]) : chunk;
+      // Tokens are written atomically (4 bytes < PIPE_BUF), but keep a partial one just in case.
+      const data = this.#rest.length > 0 ? Buffer.concat([this.#rest, chunk]) : chunk;
       const whole = data.length - (data.length % 4);
       for (let off = 0; off < whole; off += 4) onToken(data.readUInt32LE(off));
-      this.#rest = whole === data.length ? Buffer.alloc(0) : Buffer.from(data.subarray(whole));
-      data = this.#rest;
+      this.#rest = whole === data.length ? EMPTY : Buffer.from(data.subarray(whole));
     });
     this.#pipe.on('error', () => {
       // The pipe only fails when the poller is being destroyed.

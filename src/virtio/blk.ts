@@ -69,7 +69,11 @@ export class VirtioBlkDevice implements VirtioDevice {
   #capacity: number;
   #needsReset = false;
   #lastError: VirtioError | undefined;
-  #config: Buffer;
+  #config: Buffer = Buffer.alloc(0);
+  // Derived from the negotiated features and `writeback`, cached for the per-request path.
+  #writethrough = true;
+  #discardEnabled = false;
+  #writeZeroesEnabled = false;
   readonly #queues: (BlkQueueWorker | undefined)[];
   readonly #configListeners: (() => void)[] = [];
 
@@ -110,7 +114,15 @@ export class VirtioBlkDevice implements VirtioDevice {
     if (disk.canDiscard) f |= bit(VIRTIO_BLK_F.DISCARD);
     this.deviceFeatures = f;
     this.#queues = new Array<BlkQueueWorker | undefined>(numQueues).fill(undefined);
+    this.#stateChanged();
+  }
+
+  /** Rebuilds the config space and the cached per-request flags after a state change. */
+  #stateChanged(): void {
     this.#config = this.#buildConfig();
+    this.#writethrough = this.#writeback === 0 || !this.hasFeature(VIRTIO_BLK_F.FLUSH);
+    this.#discardEnabled = this.hasFeature(VIRTIO_BLK_F.DISCARD);
+    this.#writeZeroesEnabled = this.hasFeature(VIRTIO_BLK_F.WRITE_ZEROES);
   }
 
   static #serialBytes(s: string): Buffer {
@@ -148,7 +160,17 @@ export class VirtioBlkDevice implements VirtioDevice {
 
   /** Writes complete only after a flush (writeback = 0, or the driver did not negotiate FLUSH). */
   get writethrough(): boolean {
-    return this.#writeback === 0 || !this.hasFeature(VIRTIO_BLK_F.FLUSH);
+    return this.#writethrough;
+  }
+
+  /** DISCARD was negotiated. */
+  get discardEnabled(): boolean {
+    return this.#discardEnabled;
+  }
+
+  /** WRITE_ZEROES was negotiated. */
+  get writeZeroesEnabled(): boolean {
+    return this.#writeZeroesEnabled;
   }
 
   /** True when feature bit `b` was negotiated. */
@@ -188,7 +210,7 @@ export class VirtioBlkDevice implements VirtioDevice {
     this.#driverFeatures = features;
     // Spec 5.2.5: with CONFIG_WCE but without FLUSH the device starts in writethrough.
     if (this.hasFeature(VIRTIO_BLK_F.CONFIG_WCE) && !this.hasFeature(VIRTIO_BLK_F.FLUSH)) this.#writeback = 0;
-    this.#config = this.#buildConfig();
+    this.#stateChanged();
     return true;
   }
 
@@ -205,7 +227,7 @@ export class VirtioBlkDevice implements VirtioDevice {
     const i = BLK_CONFIG.writeback - offset;
     if (!Number.isInteger(offset) || i < 0 || i >= data.length) return;
     this.#writeback = data[i] === 0 ? 0 : 1;
-    this.#config = this.#buildConfig();
+    this.#stateChanged();
   }
 
   /**
@@ -215,7 +237,7 @@ export class VirtioBlkDevice implements VirtioDevice {
     const c = this.disk.sectors;
     if (c === this.#capacity) return;
     this.#capacity = c;
-    this.#config = this.#buildConfig();
+    this.#stateChanged();
     this.#configGeneration++;
     this.#emitConfigChange();
   }
@@ -265,7 +287,7 @@ export class VirtioBlkDevice implements VirtioDevice {
     this.#needsReset = false;
     this.#lastError = undefined;
     this.#capacity = this.disk.sectors;
-    this.#config = this.#buildConfig();
+    this.#stateChanged();
   }
 
   onConfigChange(cb: () => void): void {
@@ -347,10 +369,10 @@ class BlkQueueWorker implements BlkRequestHost {
     return this.device.writethrough;
   }
   get discardEnabled(): boolean {
-    return this.device.hasFeature(VIRTIO_BLK_F.DISCARD);
+    return this.device.discardEnabled;
   }
   get writeZeroesEnabled(): boolean {
-    return this.device.hasFeature(VIRTIO_BLK_F.WRITE_ZEROES);
+    return this.device.writeZeroesEnabled;
   }
   get maxDiscardSectors(): number {
     return MAX_DWZ_SECTORS;
@@ -402,8 +424,13 @@ class BlkQueueWorker implements BlkRequestHost {
         q.disableNotification();
       }
     } catch (e) {
+      // Never throw out of queueNotify (the transport's event loop): ring corruption, or any
+      // unexpected failure, puts the device in DEVICE_NEEDS_RESET.
       if (isVblkError(e, 'E_VIRTIO_RING')) this.device.markNeedsReset(e as VirtioError);
-      else throw e;
+      else {
+        const why = e instanceof Error ? e.message : String(e);
+        this.device.markNeedsReset(new VirtioError('E_VIRTIO_STATE', `Cannot process virtio-blk queue ${this.index}: ${why}`, {}, { cause: e }));
+      }
     } finally {
       this.#draining = false;
       this.#publish(); // completions that happened synchronously (malformed chains, GET_ID...)

@@ -7,11 +7,16 @@ import { main } from '../../src/cli/main';
 import { run, type ToolResult } from '../helpers/qemu';
 
 /** Runs `vblk ...args` in this process and captures its output. */
-export async function vblk(...args: string[]): Promise<ToolResult> {
+export function vblk(...args: string[]): Promise<ToolResult> {
+  return vblkWith({ tty: false }, ...args);
+}
+
+/** Same as `vblk`, with stdout presented as a TTY or not (progress output depends on it). */
+export async function vblkWith(opts: { readonly tty: boolean }, ...args: string[]): Promise<ToolResult> {
   let stdout = '';
   let stderr = '';
   const status = await main(args, {
-    stdout: { write: (s: string) => (stdout += s) },
+    stdout: { write: (s: string) => (stdout += s), isTTY: opts.tty },
     stderr: { write: (s: string) => (stderr += s) },
   });
   return { status, stdout, stderr };

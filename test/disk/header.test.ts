@@ -216,6 +216,12 @@ describe('Qcow2Header codec', function () {
       expectError(() => Qcow2Header.parse(b), 'E_QCOW_CORRUPT', 'Cannot parse qcow2 header: backing file name at 0xfff0+100 is not inside cluster 0');
     });
 
+    it('an empty backing file name (offset set, length 0) means no backing file, as in QEMU', () => {
+      const b = good();
+      b.writeBigUInt64BE(0x200n, 8); // backing_file_offset set, backing_file_size stays 0
+      expect(Qcow2Header.parse(b).backingFile).to.equal(undefined);
+    });
+
     it('an offset field that is not a safe integer', () => {
       const b = good();
       b.writeBigUInt64BE(0xffffffffffff0000n, 40);
@@ -255,6 +261,12 @@ describe('QcowHeader (version 1) codec', function () {
     const out = h.serialize();
     expect(out.equals(first.subarray(0, out.length))).to.equal(true);
     expect(h.l1TableOffset).to.equal((out.length + 7) & ~7);
+  });
+
+  it('an empty backing file name (offset set, length 0) means no backing file, as in QEMU', () => {
+    const b = new QcowHeader({ size: 1 << 20, l1TableOffset: 48 }).serialize();
+    b.writeBigUInt64BE(48n, 8); // backing_file_offset points at the L1 table, backing_file_size stays 0
+    expect(QcowHeader.parse(b).backingFile).to.equal(undefined);
   });
 
   it('rejects cluster_bits outside 9..16 and a truncated header', () => {

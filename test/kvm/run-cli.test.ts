@@ -3,26 +3,17 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { expect } from 'chai';
-import { main } from '../../src/cli/main';
 import { checkKvmApiVersion, kvmUnavailableReason } from '../../src/kvm/kvm';
 import { defaultGuestImage } from '../../src/kvm/run-guest';
-
-const CLI = path.resolve(__dirname, '..', '..', 'src', 'cli', 'main.js');
-
-async function vblk(argv: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  let stdout = '';
-  let stderr = '';
-  const code = await main(argv, { stdout: { write: (s: string) => (stdout += s) }, stderr: { write: (s: string) => (stderr += s) } });
-  return { code, stdout, stderr };
-}
+import { vblk, VBLK_BIN as CLI } from '../cli/run-vblk';
 
 describe('vblk run', function () {
   this.timeout(120000);
 
   describe('when KVM is unusable', function () {
     it('a missing device: exit 2 and exactly one error line', async function () {
-      const r = await vblk(['run', '--kvm', '/nonexistent/kvm']);
-      expect(r.code).to.equal(2);
+      const r = await vblk('run', '--kvm', '/nonexistent/kvm');
+      expect(r.status).to.equal(2);
       expect(r.stderr).to.equal('vblk: Cannot open /nonexistent/kvm: it does not exist (KVM is not available on this host)\n');
       expect(r.stdout).to.equal('');
     });
@@ -49,8 +40,8 @@ describe('vblk run', function () {
     });
 
     it('a device that is not KVM (/dev/null): exit 2 and one line naming the failed ioctl', async function () {
-      const r = await vblk(['run', '--kvm', '/dev/null']);
-      expect(r.code).to.equal(2);
+      const r = await vblk('run', '--kvm', '/dev/null');
+      expect(r.status).to.equal(2);
       expect(r.stderr).to.equal('vblk: Cannot use /dev/null: KVM_GET_API_VERSION failed (Cannot KVM_GET_API_VERSION: ENOTTY)\n');
     });
   });
@@ -72,8 +63,8 @@ describe('vblk run', function () {
     });
 
     it('without --disk boots against a fresh temporary image, prints the guest lines and exits 0', async function () {
-      const r = await vblk(['run']);
-      expect(r.code, r.stdout + r.stderr).to.equal(0);
+      const r = await vblk('run');
+      expect(r.status, r.stdout + r.stderr).to.equal(0);
       // a qcow2 image, or raw with a note when this build cannot write qcow2
       const raw = r.stdout.includes('note: this build cannot write qcow2 images');
       expect(r.stdout).to.match(raw ? /^disk: \S+run\.raw \(raw, 32768 sectors, read-write\)$/m : /^disk: \S+run\.qcow2 \(qcow2, 32768 sectors, read-write\)$/m);
@@ -85,8 +76,8 @@ describe('vblk run', function () {
     it('--disk IMG --readonly: the guest sees RO and the image file is unchanged', async function () {
       const file = path.join(dir, 'd.raw');
       fs.writeFileSync(file, Buffer.alloc(1 << 20, 0x61));
-      const r = await vblk(['run', '--disk', file, '--readonly']);
-      expect(r.code, r.stdout + r.stderr).to.equal(0);
+      const r = await vblk('run', '--disk', file, '--readonly');
+      expect(r.status, r.stdout + r.stderr).to.equal(0);
       expect(r.stdout).to.match(/^guest: PASS features version_1=1 ro=1 /m);
       expect(r.stdout).to.match(/^guest: PASS write-rejected-readonly sector=1 status=1$/m);
       expect(fs.readFileSync(file).every((b) => b === 0x61)).to.equal(true);
@@ -95,8 +86,8 @@ describe('vblk run', function () {
     it('a disk smaller than the guest needs (4 sectors) fails a check and exits 1', async function () {
       const file = path.join(dir, 'tiny.raw');
       fs.writeFileSync(file, Buffer.alloc(4 * 512));
-      const r = await vblk(['run', '--disk', file]);
-      expect(r.code).to.equal(1);
+      const r = await vblk('run', '--disk', file);
+      expect(r.status).to.equal(1);
       expect(r.stdout).to.match(/^guest: FAIL queue /m);
     });
   });

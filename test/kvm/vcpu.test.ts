@@ -20,6 +20,27 @@ function bootCode(code: number[]): { kvm: Kvm; vm: Vm; vcpu: Vcpu } {
   return { kvm, vm, vcpu };
 }
 
+/** Boots `code`, runs `fn` on its vCPU, and always tears the VM down. */
+async function withBootedCode(code: number[], fn: (vcpu: Vcpu) => Promise<void>): Promise<void> {
+  const { kvm, vm, vcpu } = bootCode(code);
+  try {
+    await fn(vcpu);
+  } finally {
+    vm.close();
+    kvm.close();
+  }
+}
+
+/** The error `vcpu.run()` rejects with (undefined if it resolves). */
+async function runError(vcpu: Vcpu): Promise<unknown> {
+  try {
+    await vcpu.run();
+  } catch (e) {
+    return e;
+  }
+  return undefined;
+}
+
 describe('KVM vCPU (real /dev/kvm)', function () {
   this.timeout(30000);
   before(function () {
@@ -42,8 +63,7 @@ describe('KVM vCPU (real /dev/kvm)', function () {
 
   it('runs a 64-bit guest that writes to port 0xE9 and halts (IO exit, then HLT exit)', async function () {
     // mov al,'K'; out 0xe9,al; hlt
-    const { kvm, vm, vcpu } = bootCode([0xb0, 0x4b, 0xe6, 0xe9, 0xf4]);
-    try {
+    await withBootedCode([0xb0, 0x4b, 0xe6, 0xe9, 0xf4], async (vcpu) => {
       const io = await vcpu.run();
       expect(io.kind).to.equal('io');
       if (io.kind !== 'io') return;
@@ -51,16 +71,12 @@ describe('KVM vCPU (real /dev/kvm)', function () {
       const hlt = await vcpu.run();
       expect(hlt.kind).to.equal('hlt');
       expect(vcpu.getRegs().rip).to.equal(BigInt(ENTRY + 5));
-    } finally {
-      vm.close();
-      kvm.close();
-    }
+    });
   });
 
   it('decodes an MMIO read exit and delivers the value the VMM puts in exit.data', async function () {
     // mov eax,[0x10000000]; out 0xe9,al; hlt
-    const { kvm, vm, vcpu } = bootCode([0x8b, 0x04, 0x25, 0x00, 0x00, 0x00, 0x10, 0xe6, 0xe9, 0xf4]);
-    try {
+    await withBootedCode([0x8b, 0x04, 0x25, 0x00, 0x00, 0x00, 0x10, 0xe6, 0xe9, 0xf4], async (vcpu) => {
       const mmio = await vcpu.run();
       expect(mmio.kind).to.equal('mmio');
       if (mmio.kind !== 'mmio') return;
@@ -68,61 +84,36 @@ describe('KVM vCPU (real /dev/kvm)', function () {
       mmio.data.writeUInt32LE(0x1234);
       const io = await vcpu.run();
       expect(io.kind === 'io' ? io.data[0] : -1).to.equal(0x34);
-    } finally {
-      vm.close();
-      kvm.close();
-    }
+    });
   });
 
   it('turns a triple fault into one E_KVM error naming KVM_EXIT_SHUTDOWN and the rip', async function () {
     // ud2 with no IDT: #UD -> #DF -> triple fault
-    const { kvm, vm, vcpu } = bootCode([0x0f, 0x0b]);
-    try {
-      let err: unknown;
-      try {
-        await vcpu.run();
-      } catch (e) {
-        err = e;
-      }
+    await withBootedCode([0x0f, 0x0b], async (vcpu) => {
+      const err = await runError(vcpu);
       expect(isVblkError(err, 'E_KVM')).to.equal(true);
       expect((err as Error).message).to.match(/^Cannot run vCPU 0: KVM_EXIT_SHUTDOWN at rip 0x[0-9a-f]+: /);
-    } finally {
-      vm.close();
-      kvm.close();
-    }
+    });
   });
 
   it('turns an emulation failure (executing from the MMIO window) into one E_KVM error naming KVM_EXIT_INTERNAL_ERROR', async function () {
     // mov eax, 0x10000000; jmp rax
-    const { kvm, vm, vcpu } = bootCode([0xb8, 0x00, 0x00, 0x00, 0x10, 0xff, 0xe0]);
-    try {
-      let err: unknown;
-      try {
-        await vcpu.run();
-      } catch (e) {
-        err = e;
-      }
+    await withBootedCode([0xb8, 0x00, 0x00, 0x00, 0x10, 0xff, 0xe0], async (vcpu) => {
+      const err = await runError(vcpu);
       expect(isVblkError(err, 'E_KVM')).to.equal(true);
       expect((err as Error).message).to.match(/^Cannot run vCPU 0: KVM_EXIT_INTERNAL_ERROR at rip 0x10000000: KVM internal error: emulation failure/);
-    } finally {
-      vm.close();
-      kvm.close();
-    }
+    });
   });
 
   it('kick() interrupts a vCPU spinning in the guest', async function () {
     // jmp $
-    const { kvm, vm, vcpu } = bootCode([0xeb, 0xfe]);
-    try {
+    await withBootedCode([0xeb, 0xfe], async (vcpu) => {
       const p = vcpu.run();
       await new Promise((r) => setTimeout(r, 50));
       vcpu.kick();
       const exit = await p;
       expect(exit.kind).to.equal('interrupted');
-    } finally {
-      vm.close();
-      kvm.close();
-    }
+    });
   });
 
   it('Vm sets up the in-kernel irqchip and PIT, an irqfd per GSI and a removable ioeventfd', function () {

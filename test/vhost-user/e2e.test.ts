@@ -130,6 +130,30 @@ describe('vhost-user e2e: a Linux guest on vblk serve (QEMU TCG)', function () {
     });
   });
 
+  it('driver reload in the guest (rings stopped with GET_VRING_BASE and restarted) keeps the data and the service', async () => {
+    const img = rawImage('reload.raw', 16 << 20);
+    await withServe(img, [], async (s) => {
+      const r = await bootGuest({ socket: s.socket, workload: 'reload', timeoutMs: 60_000 });
+      expect(r.rc, explain(r, s)).to.equal(0);
+      expect(r.results).to.include.members(['reload 1 ok', 'reload 2 ok']);
+    });
+  });
+
+  it('--num-queues 2 with two guest vCPUs: both queues carry verified fio traffic', async () => {
+    const img = rawImage('mq.raw', 64 << 20);
+    await withServe(img, ['--num-queues', '2'], async (s) => {
+      const r = await bootGuest({ socket: s.socket, workload: 'fio', numQueues: 2, cpus: 2, params: { fio: '4k:8,64k:4', fiosize: 4, jobs: 2 }, timeoutMs: 150_000 });
+      expect(r.rc, explain(r, s)).to.equal(0);
+      expect(r.results).to.include('mq 2');
+      expect(r.results).to.include.members(['fio bs=4k qd=8 ok', 'fio bs=64k qd=4 ok']);
+      await s.stop();
+      const m = /kicks per queue: (\d+), (\d+)/.exec(s.output);
+      expect(m, s.output).to.not.equal(null);
+      expect(Number(m?.[1])).to.be.greaterThan(0);
+      expect(Number(m?.[2])).to.be.greaterThan(0);
+    });
+  });
+
   it('--readonly: the guest sees a read-only disk, writes fail, reads return the image', async () => {
     const img = rawImage('ro.raw', 16 << 20);
     const first = crypto.randomBytes(1 << 20);
@@ -159,7 +183,7 @@ describe('vhost-user e2e: a Linux guest on vblk serve (QEMU TCG)', function () {
       expect(fsr.rc, explain(fsr, s)).to.equal(0);
       const fio = await bootGuest({ socket: s.socket, workload: 'fio', params: { fio: '512:1,4k:32,1m:4', fiosize: 4 }, timeoutMs: 120_000 });
       expect(fio.rc, explain(fio, s)).to.equal(0);
-      expect(fio.results.some((l) => l === 'discard ok' || l === 'discard unsupported')).to.equal(true);
+      expect(fio.results).to.include('discard ok'); // qcow2 offers VIRTIO_BLK_F_DISCARD
     });
     const check = qemuImg(['check', img]);
     expect(check.status, check.out).to.equal(0);
@@ -212,8 +236,9 @@ describe('vhost-user e2e: a Linux guest on vblk serve (QEMU TCG)', function () {
       while (!s.output.includes('front-end disconnected') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
       expect(s.output).to.include('front-end disconnected');
       if (qcow2) {
+        // While vblk serve still has it open: no corruption (0 = clean, 3 = leaked clusters only).
         const check = qemuImg(['check', '-U', img]);
-        expect(check.out).to.not.match(/ERROR|corrupt/i);
+        expect(check.status, check.out).to.be.oneOf([0, 3]);
       }
       const second = await bootGuest({ socket: s.socket, workload: 'crash-verify', params: { chunks: flushed + 1 }, timeoutMs: 90_000 });
       expect(second.rc, explain(second, s)).to.equal(0);

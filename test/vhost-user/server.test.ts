@@ -224,6 +224,22 @@ describe('vhost-user server over a Unix socket', function () {
     fe.close();
   });
 
+  it('a memory file shorter than its region is refused (mapping it would SIGBUS the server later)', async () => {
+    await startServer();
+    const fe = new SocketFrontEnd(sock);
+    fe.send(VHOST_USER.SET_PROTOCOL_FEATURES, encodeU64(1n << PROTOCOL_F.REPLY_ACK));
+    fe.send(VHOST_USER.SET_MEM_TABLE, encodeMemTable([{ guestAddr: BigInt(GUEST_BASE), size: BigInt(2 * RAM), userAddr: USER_BASE, mmapOffset: 0n }]), {
+      fds: [ramFd],
+      needReply: true,
+    });
+    const r = await fe.reply();
+    expect(r.payload.readBigUInt64LE(0)).to.equal(1n);
+    expect(logs).to.have.length(1);
+    expect(logs[0]).to.match(/the file has 2097152 bytes, the region needs 4194304/);
+    expect(await fe.requestU64(VHOST_USER.GET_QUEUE_NUM)).to.equal(1n);
+    fe.close();
+  });
+
   it('serveImage (vblk serve) serves a raw file and stop() flushes, closes and removes the socket', async () => {
     const img = path.join(dir, 'disk.raw');
     fs.writeFileSync(img, Buffer.alloc(1 << 20));

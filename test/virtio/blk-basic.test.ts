@@ -171,6 +171,25 @@ describe('VirtioBlkDevice basic requests through the mock driver', () => {
     expect(disk.priv.data[24 * 512]).to.equal(0x55);
   });
 
+  it('accepts an indirect chain of seg_max data buffers on a queue smaller than the maximum', async () => {
+    // Linux sizes indirect tables from seg_max (= max queue size - 2), not from the queue size it picked.
+    const { drv, disk, dev } = setup({ dev: { queueSize: 64 }, drv: { queueSize: 16 } });
+    expect(dev.segMax).to.equal(62);
+    disk.priv.data.set(pattern(62 * 512, 8), 0);
+    const cuts = Array.from({ length: 62 }, (_, i) => (i + 1) * 512);
+    const r = await drv.run(0, { type: VIRTIO_BLK_T.IN, sector: 0, readLen: 62 * 512 }, { indirect: true, writableCuts: cuts });
+    expect(r.status).to.equal(VIRTIO_BLK_S.OK);
+    expect(r.data.equals(pattern(62 * 512, 8))).to.equal(true);
+  });
+
+  it('GET_ID into a buffer shorter than 20 bytes writes only what fits', async () => {
+    const { drv } = setup({ dev: { serial: 'ABCDEFGHIJ' } });
+    const r = await drv.run(0, { type: VIRTIO_BLK_T.GET_ID, sector: 0, readLen: 4 });
+    expect(r.status).to.equal(VIRTIO_BLK_S.OK);
+    expect(r.data.toString('latin1')).to.equal('ABCD');
+    expect(r.usedLen).to.equal(5);
+  });
+
   it('a disk I/O error becomes IOERR and the queue keeps serving', async () => {
     const { drv } = setup({ disk: { fail: (op, sector) => op === 'read' && sector === 100 } });
     const bad = await drv.run(0, { type: VIRTIO_BLK_T.IN, sector: 100, readLen: 512 });

@@ -5,21 +5,24 @@
 . /workloads/lib.sh
 jobs=$(param fio 512:1,4k:32,64k:8,1m:4)
 size=$(param fiosize 8)
+numjobs=$(param jobs 1)
 off=0
 fail=0
+echo "VBLK-RESULT mq $(ls /sys/block/vda/mq | wc -l)"
 for j in $(echo "$jobs" | tr ',' ' '); do
   bs=${j%%:*}
   qd=${j##*:}
   if fio --name="v$bs-$qd" --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth="$qd" \
       --bs="$bs" --rw=randwrite --offset="${off}M" --size="${size}M" --verify=crc32c \
-      --verify_fatal=1 --do_verify=1 --randrepeat=0 --output=/tmp/fio.log >/dev/null 2>&1; then
+      --verify_fatal=1 --do_verify=1 --randrepeat=0 --numjobs="$numjobs" --offset_increment="${size}M" \
+      --output=/tmp/fio.log >/dev/null 2>&1; then
     echo "VBLK-RESULT fio bs=$bs qd=$qd ok"
   else
     tail -20 /tmp/fio.log
     echo "VBLK-RESULT fio bs=$bs qd=$qd FAIL"
     fail=1
   fi
-  off=$((off + size))
+  off=$((off + size * numjobs))
 done
 # Discard the first job's region (when the disk offers discard), then the whole verified area
 # must still read back.

@@ -23,13 +23,38 @@ export interface BenchParams {
   readonly pattern: number;
 }
 
+/** Largest total of request buffers (depth x size) a bench run may allocate: 1 GiB. */
+export const MAX_BENCH_BUFFER_BYTES = 1 << 30;
+
 export const BENCH_DEFAULTS: BenchParams = { count: 75000, depth: 64, size: 4096, step: 4096, offset: 0, write: false, pattern: 0 };
+
+/**
+ * Checks the parameters that do not depend on the image (before it is opened, so a bad option
+ * never prints the "Sending ..." line or touches the file).
+ *
+ * @throws UsageError naming the option
+ */
+export function validateBenchParams(p: BenchParams): void {
+  if (p.size === 0) throw new UsageError('invalid buffer size 0: it must be at least 512');
+  for (const [name, v] of [['buffer size', p.size], ['step', p.step], ['offset', p.offset]] as const) {
+    if (v % 512 !== 0) throw new UsageError(`invalid ${name} ${v}: it must be a multiple of 512`);
+  }
+  if (p.depth < 1) throw new UsageError('invalid queue depth 0: it must be at least 1');
+  // One buffer per request in flight (as qemu-img bench): cap the total before allocating it.
+  const buffers = Math.min(p.depth, p.count) * p.size;
+  if (buffers > MAX_BENCH_BUFFER_BYTES) {
+    throw new UsageError(`queue depth ${p.depth} x buffer size ${p.size} needs ${buffers} bytes of buffers, more than the ${MAX_BENCH_BUFFER_BYTES} allowed`);
+  }
+}
+
+function assertRequestFits(disk: DiskImage, p: BenchParams): void {
+  if (p.size > disk.size) throw new UsageError(`request size ${p.size} is larger than the image (${disk.size})`);
+}
 
 /** Runs the workload on an open disk; resolves to the elapsed seconds. */
 export async function runBench(disk: DiskImage, p: BenchParams): Promise<number> {
-  if (p.size % 512 !== 0 || p.step % 512 !== 0 || p.offset % 512 !== 0) throw new UsageError('size, step and offset must be multiples of 512');
-  if (p.size > disk.size) throw new UsageError(`request size ${p.size} is larger than the image (${disk.size})`);
-  if (p.depth < 1) throw new UsageError('depth must be at least 1');
+  validateBenchParams(p);
+  assertRequestFits(disk, p);
   let issued = 0;
   let offset = p.offset % disk.size;
   const worker = async (buf: Uint8Array): Promise<void> => {
@@ -68,9 +93,11 @@ export const benchCommand: Command = {
       write: a.has('w'),
       pattern: a.get('pattern') !== undefined ? parsePattern(a.get('pattern') ?? '') : 0,
     };
+    validateBenchParams(p);
     const format = parseFormat(a.get('f'));
     const disk = await openDiskImage(path, { readonly: !p.write, ...(format ? { format } : {}) });
     try {
+      assertRequestFits(disk, p);
       if (!a.has('q')) {
         io.stdout.write(`Sending ${p.count} ${p.write ? 'write' : 'read'} requests, ${p.size} bytes each, ${p.depth} in parallel (starting at offset ${p.offset}, step size ${p.step})\n`);
       }

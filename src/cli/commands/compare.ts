@@ -1,5 +1,5 @@
 /**
- * `vblk compare [-f FMT] [-F FMT] [-s] [-q] A B`: compares the guest-visible contents of two
+ * `vblk compare [-f FMT] [-F FMT] [-s] [-q] [-p] A B`: compares the guest-visible contents of two
  * images like `qemu-img compare`. Exit 0 identical, 1 different (`Content mismatch at offset N!`,
  * N the first differing 512-byte sector's offset), 2 on error (cannot open or read).
  * Images of different sizes: the extra part of the larger one must read as zeroes
@@ -9,7 +9,7 @@ import type { DiskImage } from '../../disk/disk-image';
 import { openDiskImage } from '../../disk/open';
 import { readBytesAt } from '../../disk/qcow/chain';
 import { parseArgs, parseFormat } from '../args';
-import { UsageError, type Command } from '../command';
+import { UsageError, progressPrinter, type Command } from '../command';
 
 const CHUNK = 1 << 20;
 
@@ -30,8 +30,11 @@ function firstNonZero(a: Uint8Array, n: number): number {
   return -1;
 }
 
-/** Compares two open images; resolves to the first differing offset or -1. */
-export async function compareImages(a: DiskImage, b: DiskImage): Promise<number> {
+/**
+ * Compares two open images; resolves to the first differing offset or -1. `progress` gets the
+ * bytes compared so far (of the larger size).
+ */
+export async function compareImages(a: DiskImage, b: DiskImage, progress?: (done: number) => void): Promise<number> {
   const common = Math.min(a.size, b.size);
   const bufA = new Uint8Array(CHUNK);
   const bufB = new Uint8Array(CHUNK);
@@ -43,11 +46,13 @@ export async function compareImages(a: DiskImage, b: DiskImage): Promise<number>
     if (sa.zero && sb.zero) {
       const skip = Math.min(sa.length, sb.length);
       if (skip < n) off -= CHUNK - skip; // continue right after the zero run
+      progress?.(off + CHUNK);
       continue;
     }
     await Promise.all([readBytesAt(a, off, bufA.subarray(0, n)), readBytesAt(b, off, bufB.subarray(0, n))]);
     const d = firstDiff(bufA, bufB, n);
     if (d >= 0) return off + d;
+    progress?.(off + n);
   }
   const longer = a.size > b.size ? a : b;
   for (let off = common; off < longer.size; off += CHUNK) {
@@ -55,6 +60,7 @@ export async function compareImages(a: DiskImage, b: DiskImage): Promise<number>
     await readBytesAt(longer, off, bufA.subarray(0, n));
     const d = firstNonZero(bufA, n);
     if (d >= 0) return off + d;
+    progress?.(off + n);
   }
   return -1;
 }
@@ -62,7 +68,7 @@ export async function compareImages(a: DiskImage, b: DiskImage): Promise<number>
 export const compareCommand: Command = {
   name: 'compare',
   summary: 'compare the contents of two images (exit 0 same, 1 different, 2 error)',
-  usage: 'compare [-f FMT] [-F FMT] [-s] [-q] A B',
+  usage: 'compare [-f FMT] [-F FMT] [-s] [-q] [-p] A B',
   errorExitCode: 2,
   async run(argv, io) {
     const a = parseArgs(argv, { values: 'fF', flags: 'sqpU' });
@@ -82,7 +88,9 @@ export const compareCommand: Command = {
           }
           if (!quiet) io.stdout.write('Warning: Image size mismatch!\n');
         }
-        const d = await compareImages(da, db);
+        const prog = a.has('p') && !quiet ? progressPrinter(io, Math.max(da.size, db.size)) : undefined;
+        const d = await compareImages(da, db, prog ? (done): void => prog.update(done) : undefined);
+        prog?.finish();
         if (d >= 0) {
           if (!quiet) io.stdout.write(`Content mismatch at offset ${d}!\n`);
           return 1;

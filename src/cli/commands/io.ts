@@ -100,8 +100,83 @@ export const readIoCommand: IoCommand = {
   },
 };
 
-/** Every `-c` command; write/discard/flush are added here by the read-write work. */
-export const IO_COMMANDS: IoCommand[] = [readIoCommand];
+/**
+ * Writes `buf` at byte offset `off` through the sector API; an unaligned head or tail sector is
+ * read, patched and written back (read-modify-write).
+ */
+export async function writeRange(disk: DiskImage, off: number, buf: Uint8Array): Promise<void> {
+  if (off % 512 === 0 && buf.length % 512 === 0) {
+    await disk.writeSector(off / 512, buf);
+    return;
+  }
+  const first = Math.floor(off / 512) * 512;
+  const end = Math.ceil((off + buf.length) / 512) * 512;
+  const bounce = new Uint8Array(end - first);
+  await readBytesAt(disk, first, bounce);
+  bounce.set(buf, off - first);
+  await disk.writeSector(first / 512, bounce);
+}
+
+function doneLine(ctx: IoContext, verb: string, off: number, len: number, secs: number): void {
+  if (!ctx.args.has('q')) ctx.io.stdout.write(`${verb} ${len}/${len} bytes at offset ${off}\n${statsLine(len, secs)}\n`);
+}
+
+export const writeIoCommand: IoCommand = {
+  name: 'write',
+  usage: 'write [-P PATTERN] [-z [-u]] [-q] OFFSET LENGTH',
+  writes: true,
+  options: { flags: 'zuq', values: 'P' },
+  async run(ctx) {
+    const { off, len } = offLen(ctx, 'write');
+    const t0 = process.hrtime.bigint();
+    if (ctx.args.has('z')) {
+      if (ctx.args.has('P')) throw new UsageError('write -z cannot take a pattern (-P)');
+      if (off % 512 !== 0 || len % 512 !== 0) {
+        await writeRange(ctx.disk, off, new Uint8Array(len));
+      } else {
+        await ctx.disk.writeZeroes(off / 512, len / 512, ctx.args.has('u'));
+      }
+    } else {
+      const p = ctx.args.get('P');
+      const buf = new Uint8Array(len).fill(p !== undefined ? parsePattern(p) : 0xcd);
+      await writeRange(ctx.disk, off, buf);
+    }
+    doneLine(ctx, 'wrote', off, len, Number(process.hrtime.bigint() - t0) / 1e9);
+    return true;
+  },
+};
+
+export const discardIoCommand: IoCommand = {
+  name: 'discard',
+  usage: 'discard [-q] OFFSET LENGTH',
+  writes: true,
+  options: { flags: 'q' },
+  async run(ctx) {
+    const { off, len } = offLen(ctx, 'discard');
+    const t0 = process.hrtime.bigint();
+    // Discard is advisory: only the whole sectors inside the range are passed down.
+    const first = Math.ceil(off / 512);
+    const last = Math.floor((off + len) / 512);
+    if (last > first && ctx.disk.canDiscard) await ctx.disk.discard(first, last - first);
+    doneLine(ctx, 'discard', off, len, Number(process.hrtime.bigint() - t0) / 1e9);
+    return true;
+  },
+};
+
+export const flushIoCommand: IoCommand = {
+  name: 'flush',
+  usage: 'flush',
+  writes: true,
+  options: {},
+  async run(ctx) {
+    if (ctx.args.positional.length > 0) throw new UsageError('flush takes no arguments');
+    await ctx.disk.flush();
+    return true;
+  },
+};
+
+/** Every `-c` command. */
+export const IO_COMMANDS: IoCommand[] = [readIoCommand, writeIoCommand, discardIoCommand, flushIoCommand];
 
 /** Splits a -c string into words (no quoting, as qemu-io). */
 function words(s: string): string[] {
@@ -117,8 +192,8 @@ function lookup(cmdline: string): { cmd: IoCommand; argv: string[] } {
 
 export const ioCommand: Command = {
   name: 'io',
-  summary: 'run qemu-io style commands (read -P, ...) on an image',
-  usage: 'io [-f FMT] [-r] -c CMD [-c CMD...] IMG   (CMD: ' + 'read [-P PATTERN] [-v] [-q] OFFSET LENGTH)',
+  summary: 'run qemu-io style commands (read, write, discard, flush) on an image',
+  usage: 'io [-f FMT] [-r] -c CMD [-c CMD...] IMG   (CMD: read [-P PATTERN] [-v] [-q] OFFSET LENGTH | write [-P PATTERN] [-z [-u]] OFFSET LENGTH | discard OFFSET LENGTH | flush)',
   async run(argv, io) {
     const a = parseArgs(argv, { values: 'fc', flags: 'rU' });
     const [path, extra] = a.positional;

@@ -36,6 +36,16 @@ async function tempDisk(dir: string, readonly: boolean, io: CliIO): Promise<Disk
   return openDiskImage(raw, { readonly });
 }
 
+/** Longest --timeout accepted: one day (Node timers cannot wait more than ~24.8 days anyway). */
+const MAX_TIMEOUT_SECONDS = 86_400;
+
+/** Parses --timeout: whole seconds, 1 to MAX_TIMEOUT_SECONDS (0 would fail every run at once). */
+function parseTimeoutSeconds(s: string): number {
+  const v = parseCount(s, 'timeout');
+  if (v < 1 || v > MAX_TIMEOUT_SECONDS) throw new UsageError(`invalid timeout "${s}": expected 1 to ${MAX_TIMEOUT_SECONDS} seconds`);
+  return v;
+}
+
 export const runCommand: Command = {
   name: 'run',
   summary: 'boot a small KVM guest that drives the disk over virtio-mmio and checks the results',
@@ -46,7 +56,7 @@ export const runCommand: Command = {
     const readonly = a.has('readonly');
     const format = parseFormat(a.get('f'));
     const timeoutArg = a.get('timeout');
-    const timeoutMs = timeoutArg === undefined ? 120_000 : parseCount(timeoutArg, 'timeout') * 1000;
+    const timeoutMs = timeoutArg === undefined ? 120_000 : parseTimeoutSeconds(timeoutArg) * 1000;
     const kvmDevice = a.get('kvm') ?? KVM_DEVICE;
     // KVM first: a host without it gets one clear line before any image is touched.
     try {

@@ -114,7 +114,9 @@ export const serveCommand: Command = {
     const ro = s.device.readonly ? ', read-only' : '';
     io.stdout.write(`vblk serve: serving ${image} (${s.disk.format}, ${s.disk.size} bytes${ro}) on ${socketPath}\n`);
     s.server.on('connect', () => log(`front-end connected (session ${s.server.sessions})`));
-    s.server.on('disconnect', () => log('front-end disconnected; image flushed, waiting for the next connection'));
+    s.server.on('disconnect', (info: { kicks: number[] }) =>
+      log(`front-end disconnected (kicks per queue: ${info.kicks.join(', ')}); image flushed, waiting for the next connection`),
+    );
     await new Promise<void>((resolve) => {
       const onSignal = (sig: NodeJS.Signals): void => {
         process.off('SIGINT', onSignal);

@@ -302,7 +302,8 @@ export class Qcow2Writer implements ByteReader {
     const i = (ci - l1i * s.l2Entries) * t.stride;
     const hi = t.words[i] ?? 0;
     const lo = t.words[i + 1] ?? 0;
-    if ((hi & (HI_COPIED | HI_COMPRESSED)) !== HI_COPIED || lo & LO_ZERO) return undefined;
+    // (`&` yields a signed 32-bit value: compare with `>>> 0`.)
+    if (((hi & (HI_COPIED | HI_COMPRESSED)) >>> 0) !== HI_COPIED || lo & LO_ZERO) return undefined;
     const host = (hi & HI_OFFSET) * TWO32 + ((lo & LO_OFFSET) >>> 0);
     if (host === 0 || host % s.clusterSize !== 0 || this.#isMetadata(host)) return undefined; // slow path reports it
     return this.#track(this.#fileWrite(data, host + (off - ci * s.clusterSize)));

@@ -158,9 +158,9 @@ class Walker {
       const e = l1[i] ?? 0n;
       if (e === 0n) continue;
       if (e & L1E_RESERVED_MASK) {
+        // Reported, and the table is still walked (as QEMU does).
         this.res.messages.push(`ERROR found L1 entry with reserved bits set: ${e.toString(16)}`);
         this.res.corruptions++;
-        continue;
       }
       const l2 = Number(e & L1E_OFFSET_MASK);
       if (l2 === 0) continue;
@@ -207,9 +207,9 @@ class Walker {
       }
       if (off === 0) continue;
       if (off % this.cs !== 0) {
+        // Reported; the (unaligned) range still counts as referenced, as in QEMU.
         this.res.messages.push(`ERROR offset=${off.toString(16)}: ${zero ? 'Preallocated' : 'Data'} cluster is not properly aligned; L2 entry corrupted.`);
         this.res.corruptions++;
-        continue;
       }
       if (active) {
         this.res.allocatedClusters++;
@@ -307,7 +307,7 @@ async function checkCopied(s: Session, res: CheckResult, fix: boolean): Promise<
   for (let i = 0; i < h.l1Size; i++) {
     const e = l1[i] ?? 0n;
     const l2 = Number(e & L1E_OFFSET_MASK);
-    if (l2 === 0 || l2 % cs !== 0 || l2 >= s.fileSize || e & L1E_RESERVED_MASK) continue;
+    if (l2 === 0 || l2 % cs !== 0 || l2 >= s.fileSize) continue;
     const r = await rc.getAt(l2);
     if ((r === 1) !== ((e & COPIED) !== 0n)) {
       res.messages.push(`${fix ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${e.toString(16)} refcount=${r}`);
@@ -323,7 +323,7 @@ async function checkCopied(s: Session, res: CheckResult, fix: boolean): Promise<
       const x = l2e[j] ?? 0n;
       if (x & COMPRESSED) continue;
       const off = Number(x & L2E_OFFSET_MASK);
-      if (off === 0 || off % cs !== 0 || off >= s.fileSize) continue;
+      if (off === 0) continue;
       const rr = await rc.getAt(off);
       if ((rr === 1) !== ((x & COPIED) !== 0n)) {
         res.messages.push(`${fix ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${x.toString(16)} refcount=${rr}`);
@@ -437,7 +437,9 @@ export async function checkQcow2File(file: ImageFile, h: Qcow2Header, fix?: Repa
       await s.rc.flush();
     }
   }
-  await checkCopied(s, res, fix === 'all');
+  // With -r leaks, COPIED flags are repaired only when the refcounts are right by now (QEMU).
+  const fixCopied = fix === 'all' || (fix === 'leaks' && res.checkErrors === 0 && res.corruptions === 0 && res.leaks === 0);
+  await checkCopied(s, res, fixCopied);
   if (fix !== undefined) await file.sync();
   res.imageEndOffset = (highest + 1) * h.clusterSize;
   return res;

@@ -278,7 +278,8 @@ export class Qcow2Header implements Qcow2HeaderFields {
         throw corrupt(what, `backing file name at ${hex(h.backingFileOffset)}+${backingSize} is not inside cluster 0`, { field: 'backing_file_offset' });
       }
       if (h.backingFileOffset + backingSize > b.length) throw corrupt(what, `backing file name at ${hex(h.backingFileOffset)}+${backingSize} is past the end of the file`);
-      h.backingFile = b.subarray(h.backingFileOffset, h.backingFileOffset + backingSize).toString('utf8');
+      // An empty name means no backing file: QEMU (bdrv_open_backing_file) skips it too.
+      if (backingSize > 0) h.backingFile = b.subarray(h.backingFileOffset, h.backingFileOffset + backingSize).toString('utf8');
     }
     return h;
   }
@@ -384,7 +385,7 @@ export class Qcow2Header implements Qcow2HeaderFields {
       throw new RangeError(`extraHeader is ${this.extraHeader.length} bytes, header_length ${hlen} needs ${hlen - QCOW2_V3_HEADER_SIZE}`);
     }
     const exts = this.#extensions();
-    const name = this.backingFile !== undefined ? Buffer.from(this.backingFile, 'utf8') : undefined;
+    const name = this.backingFile ? Buffer.from(this.backingFile, 'utf8') : undefined; // '' = none, as parse reads it
     if (name && name.length > MAX_BACKING_NAME) throw new RangeError(`backing file name is ${name.length} bytes, the limit is ${MAX_BACKING_NAME}`);
     let total = hlen;
     for (const e of exts) total += 8 + pad8(e.data.length);
@@ -498,14 +499,15 @@ export class QcowHeader implements QcowHeaderFields {
     if (h.backingFileOffset !== 0) {
       if (nameLen > MAX_BACKING_NAME) throw corrupt(what, `backing_file_size ${nameLen} is larger than ${MAX_BACKING_NAME}`, { field: 'backing_file_size' });
       if (h.backingFileOffset + nameLen > b.length) throw corrupt(what, `backing file name at ${hex(h.backingFileOffset)}+${nameLen} is past the end of the header buffer`);
-      h.backingFile = b.subarray(h.backingFileOffset, h.backingFileOffset + nameLen).toString('utf8');
+      // An empty name means no backing file, as for qcow2 (QEMU opens such an image standalone).
+      if (nameLen > 0) h.backingFile = b.subarray(h.backingFileOffset, h.backingFileOffset + nameLen).toString('utf8');
     }
     return h;
   }
 
   /** Serializes the 48-byte header followed by the backing file name (backingFileOffset = 48). */
   serialize(): Buffer {
-    const name = this.backingFile !== undefined ? Buffer.from(this.backingFile, 'utf8') : undefined;
+    const name = this.backingFile ? Buffer.from(this.backingFile, 'utf8') : undefined; // '' = none, as parse reads it
     if (name && name.length > MAX_BACKING_NAME) throw new RangeError(`backing file name is ${name.length} bytes, the limit is ${MAX_BACKING_NAME}`);
     const b = Buffer.alloc(QCOW1_HEADER_SIZE + (name ? name.length : 0));
     b.writeUInt32BE(QCOW_MAGIC, 0);

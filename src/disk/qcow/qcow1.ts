@@ -118,10 +118,11 @@ export class QcowState implements ByteReader {
       this.#kind = Kind.Unallocated;
       return;
     }
-    if (host % cs !== 0 || hi > 0x1fffff) {
+    if (host % cs !== 0) {
       throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L2 entry ${l2i} of table ${hex(table.offset)} (${hex(table.entry(l2i))}) is not cluster-aligned`, { l2Index: l2i });
     }
-    if (host >= this.fileSize) {
+    // hi > 0x1fffff: the offset is not a safe integer, so it is past any real file as well.
+    if (hi > 0x1fffff || host >= this.fileSize) {
       throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L2 entry ${l2i} of table ${hex(table.offset)} points to cluster ${hex(host)} past the end of the file (size ${hex(this.fileSize)})`, { l2Index: l2i });
     }
     this.#kind = Kind.Data;

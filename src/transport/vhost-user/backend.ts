@@ -71,6 +71,8 @@ class Vring {
   enabled = false;
   /** The device queue is running. */
   running = false;
+  /** Kicks received since the session started. */
+  kicks = 0;
   unwatch: (() => void) | undefined;
   readonly signal: () => void;
 
@@ -148,6 +150,11 @@ export class VhostUserBackend {
   /** The mapped guest memory, if SET_MEM_TABLE succeeded. */
   get memoryTable(): MemoryTable | undefined {
     return this.#table;
+  }
+
+  /** Kicks received per queue in this session (for logs: shows which queues the driver used). */
+  get kickCounts(): number[] {
+    return this.#vrings.map((v) => v.kicks);
   }
 
   /** True while queue `index` is running in the device. */
@@ -322,6 +329,7 @@ export class VhostUserBackend {
       if (fd !== undefined) {
         kept.add(fd);
         v.unwatch = this.#env.watchKick(fd, () => {
+          v.kicks++;
           if (v.running) this.device.queueNotify(index);
         });
       }

@@ -48,6 +48,8 @@ export interface BootOptions {
   readonly memoryMiB?: number;
   /** vhost-user-blk num-queues (default 1). */
   readonly numQueues?: number;
+  /** Guest vCPUs (default 1; blk-mq uses at most one queue per vCPU). */
+  readonly cpus?: number;
   /** Kill QEMU after this long (default 120 s). */
   readonly timeoutMs?: number;
   /** Called for every line the guest prints with a VBLK- marker. */
@@ -82,7 +84,7 @@ export function bootGuest(o: BootOptions): Promise<BootResult> {
     .join(' ');
   const mem = o.memoryMiB ?? 512;
   const args = [
-    '-accel', 'tcg', '-cpu', 'max', '-m', String(mem), '-smp', '1',
+    '-accel', 'tcg', '-cpu', 'max', '-m', String(mem), '-smp', String(o.cpus ?? 1),
     '-nographic', '-no-reboot', '-nodefaults', '-serial', 'stdio',
     '-kernel', path.join(dir, 'vmlinuz'),
     '-initrd', path.join(dir, 'initramfs.gz'),

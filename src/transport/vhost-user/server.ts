@@ -29,8 +29,16 @@ const TOKEN_CONN = 2;
 const FIRST_KICK_TOKEN = 16;
 const RECV_CHUNK = 8192;
 
-/** mmap-based region mapper (MAP_SHARED, read-write). */
+/**
+ * mmap-based region mapper (MAP_SHARED, read-write). A file (memfd, hugetlbfs, tmpfs file) shorter
+ * than the region is refused: touching a mapping past the end of its file raises SIGBUS, which
+ * would kill the server the first time the guest pointed a descriptor there.
+ */
 export const mmapRegionMapper: RegionMapper = (fd, length) => {
+  const st = fs.fstatSync(fd);
+  if (st.isFile() && st.size < length) {
+    throw new TransportError('E_VHOST_PROTOCOL', `Cannot map fd ${fd}: the file has ${st.size} bytes, the region needs ${length}`);
+  }
   const m = mmap({ length, fd });
   return { buffer: m.buffer, unmap: () => munmap(m) };
 };
@@ -40,8 +48,9 @@ export const mmapRegionMapper: RegionMapper = (fd, length) => {
  * time; when it disconnects (even killed mid-request) the session is drained and torn down and the
  * next connection is accepted.
  *
- * Events: `connect`, `disconnect` (after the session's teardown and `afterSession`), `error`-free
- * by design: protocol problems are logged, never thrown.
+ * Events: `connect`, `disconnect` (after the session's teardown and `afterSession`; its argument
+ * `{ kicks }` holds the kicks received per queue). No `error` event by design: protocol problems
+ * are logged, never thrown.
  *
  * I/O model: a native poller thread watches the listening socket, the connection socket and the
  * kick eventfds; readiness arrives as tokens on a pipe read by Node. Protocol messages are read
@@ -172,7 +181,7 @@ export class VhostUserServer extends EventEmitter {
       this.#log(`vhost-user: after-session hook failed: ${e instanceof Error ? e.message : String(e)}`);
     }
     if (this.#session === session) this.#session = undefined;
-    this.emit('disconnect');
+    this.emit('disconnect', { kicks: session.backend.kickCounts });
     if (!this.#closing) {
       this.#poller.rearm(this.#listenFd, TOKEN_LISTEN);
     }

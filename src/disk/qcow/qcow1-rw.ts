@@ -1,0 +1,268 @@
+/**
+ * qcow version 1, read-write (block/qcow.c's model: no refcounts, new clusters and L2 tables are
+ * appended at the end of the file and never reused).
+ *
+ * Crash safety without refcounts means ordering only:
+ * - data (a whole new cluster, or the merged copy of a compressed / backing cluster) is written
+ *   before the L2 entry that points at it; L2 entries are kept in the cache and written at flush
+ *   (or eviction) after an fdatasync, so an entry never reaches the disk before its data;
+ * - a new L2 table is written and synced before the L1 entry that points at it.
+ * A crash can therefore leave unreferenced space at the end of the file, never an entry that
+ * points at garbage. Discards and zero writes without a backing file clear entries (the space is
+ * not reused: qcow1 cannot know it is free).
+ */
+import { DiskError, hex } from '../../errors';
+import { DiskImage } from '../disk-image';
+import type { ImageFile } from '../file';
+import type { DiskImageOps } from '../types';
+import { SECTOR_SIZE } from '../types';
+import { readBytesAt } from './chain';
+import { inflateCluster } from './compress';
+import { L2Table } from './l2-cache';
+import { Mutex } from './alloc';
+import { openQcowState, type QcowOpenOptions, type QcowState } from './qcow1';
+
+const TWO32 = 0x100000000;
+
+/** Read-write state of a qcow1 image (`DiskImage.priv`). */
+export class QcowWriter {
+  readonly s: QcowState;
+  readonly lock = new Mutex();
+  /** Next allocation offset (cluster-aligned end of the file). */
+  #end: number;
+  readonly #versions = new WeakMap<L2Table, number>();
+
+  constructor(s: QcowState) {
+    this.s = s;
+    this.#end = Math.ceil(s.fileSize / s.clusterSize) * s.clusterSize;
+    s.l2Cache.setWriteBack((t) => this.#writeBackOne(t));
+  }
+
+  get backing(): DiskImage | undefined {
+    return this.s.backing;
+  }
+
+  readAt(offset: number, buf: Uint8Array): Promise<void> {
+    return this.s.readAt(offset, buf);
+  }
+
+  #write(buf: Uint8Array, pos: number): Promise<void> {
+    if (pos + buf.length > this.s.fileSize) this.s.fileSize = pos + buf.length;
+    return this.s.file.write(buf, pos);
+  }
+
+  #alloc(bytes: number): number {
+    const off = this.#end;
+    this.#end = Math.ceil((off + bytes) / this.s.clusterSize) * this.s.clusterSize;
+    return off;
+  }
+
+  #markDirty(t: L2Table): void {
+    this.#versions.set(t, (this.#versions.get(t) ?? 0) + 1);
+    this.s.l2Cache.markDirty(t);
+  }
+
+  async #writeBackOne(t: L2Table): Promise<void> {
+    t.dirty = true;
+    const v = this.#versions.get(t) ?? 0;
+    const bytes = t.encode();
+    await this.s.file.sync(); // the data the entries point at first
+    await this.#write(bytes, t.offset);
+    if ((this.#versions.get(t) ?? 0) === v) t.dirty = false;
+  }
+
+  async #table(l1i: number, create: boolean): Promise<L2Table | undefined> {
+    const s = this.s;
+    const off = s.l2Offset(l1i);
+    if (off !== 0) {
+      for (;;) {
+        const t = s.l2Cache.peek(off) ?? (await s.l2Cache.get(off));
+        if (s.l2Cache.peek(off) === t) return t;
+      }
+    }
+    if (!create) return undefined;
+    const bytes = s.l2Entries * 8;
+    const newOff = this.#alloc(bytes);
+    const t = new L2Table(newOff, new Uint32Array(s.l2Entries * 2), 2);
+    await this.#write(new Uint8Array(bytes), newOff);
+    await s.file.sync();
+    const e = Buffer.alloc(8);
+    e.writeBigUInt64BE(BigInt(newOff));
+    await this.#write(e, s.header.l1TableOffset + l1i * 8);
+    s.l1[2 * l1i] = Math.floor(newOff / TWO32);
+    s.l1[2 * l1i + 1] = newOff % TWO32;
+    await s.l2Cache.insert(t);
+    return t;
+  }
+
+  /** Writes `data` at guest offset `off` (inside one cluster). */
+  async writeInCluster(off: number, data: Uint8Array): Promise<void> {
+    const s = this.s;
+    const cs = s.clusterSize;
+    const ci = Math.floor(off / cs);
+    const l1i = Math.floor(ci / s.l2Entries);
+    const l2i = ci - l1i * s.l2Entries;
+    // Fast path: an allocated plain cluster is overwritten in place.
+    const l2off = s.l2Offset(l1i);
+    const cached = l2off !== 0 ? s.l2Cache.peek(l2off) : undefined;
+    if (cached) {
+      const hi = cached.words[2 * l2i] ?? 0;
+      const host = hi * TWO32 + (cached.words[2 * l2i + 1] ?? 0);
+      if (host !== 0 && !(hi & 0x80000000)) return this.#write(data, host + (off - ci * cs));
+    }
+    return this.lock.run(() => this.#writeLocked(off, data));
+  }
+
+  async #writeLocked(off: number, data: Uint8Array): Promise<void> {
+    const s = this.s;
+    const cs = s.clusterSize;
+    const ci = Math.floor(off / cs);
+    const clusterStart = ci * cs;
+    const inCluster = off - clusterStart;
+    const l1i = Math.floor(ci / s.l2Entries);
+    const l2i = ci - l1i * s.l2Entries;
+    const t = await this.#table(l1i, true);
+    if (!t) throw new RangeError('no L2 table');
+    const hi = t.words[2 * l2i] ?? 0;
+    const lo = t.words[2 * l2i + 1] ?? 0;
+    const compressed = (hi & 0x80000000) !== 0;
+    const host = compressed ? 0 : hi * TWO32 + lo;
+    if (host !== 0) {
+      if (host % cs !== 0) throw new DiskError('E_QCOW_CORRUPT', `Cannot write ${s.path}: L2 entry ${l2i} of table ${hex(t.offset)} is not cluster-aligned`);
+      await this.#write(data, host + inCluster);
+      return;
+    }
+    const full = inCluster === 0 && data.length === cs;
+    let buf: Uint8Array = data;
+    if (!full) {
+      const merged = new Uint8Array(cs);
+      if (compressed) {
+        const e = (BigInt(hi) << 32n) | BigInt(lo);
+        const shift = BigInt(63 - s.clusterBits);
+        const csize = Number((e >> shift) & BigInt(cs - 1));
+        const at = Number(e & ((1n << shift) - 1n));
+        const raw = Buffer.alloc(Math.max(0, Math.min(csize, s.fileSize - at)));
+        const n = await s.file.read(raw, at);
+        merged.set(await inflateCluster(raw.subarray(0, n), cs, at));
+      } else if (s.backing && clusterStart < s.backing.size) {
+        await readBytesAt(s.backing, clusterStart, merged);
+      }
+      merged.set(data, inCluster);
+      buf = merged;
+    }
+    const newHost = this.#alloc(cs);
+    await this.#write(buf, newHost);
+    t.words[2 * l2i] = Math.floor(newHost / TWO32);
+    t.words[2 * l2i + 1] = newHost % TWO32;
+    this.#markDirty(t);
+  }
+
+  /** Whole clusters read as zero afterwards: entries cleared (no backing) or zeroes written. */
+  async zeroRange(off: number, len: number, mode: 'zero' | 'discard'): Promise<void> {
+    const s = this.s;
+    const cs = s.clusterSize;
+    let cur = off;
+    while (cur < off + len) {
+      const ce = Math.min(off + len, (Math.floor(cur / cs) + 1) * cs);
+      const n = ce - cur;
+      const hasBacking = s.backing !== undefined && cur < s.backing.size;
+      const at = cur;
+      if (n === cs && !hasBacking) {
+        await this.lock.run(async () => {
+          const ci = at / cs;
+          const l1i = Math.floor(ci / s.l2Entries);
+          const t = await this.#table(l1i, false);
+          if (!t) return;
+          const l2i = ci - l1i * s.l2Entries;
+          if ((t.words[2 * l2i] ?? 0) === 0 && (t.words[2 * l2i + 1] ?? 0) === 0) return;
+          t.words[2 * l2i] = 0;
+          t.words[2 * l2i + 1] = 0;
+          this.#markDirty(t);
+        });
+      } else if (mode === 'zero') {
+        await this.writeInCluster(at, new Uint8Array(n));
+      }
+      cur = ce;
+    }
+  }
+
+  flush(): Promise<void> {
+    return this.lock.run(async () => {
+      const s = this.s;
+      const dirty = [...s.l2Cache.tables()].filter((t) => t.dirty).map((t) => ({ t, v: this.#versions.get(t) ?? 0, bytes: t.encode() }));
+      await s.file.sync();
+      for (const d of dirty) await this.#write(d.bytes, d.t.offset);
+      await s.file.sync();
+      for (const d of dirty) if ((this.#versions.get(d.t) ?? 0) === d.v) d.t.dirty = false;
+    });
+  }
+
+  async close(): Promise<void> {
+    let err: unknown;
+    try {
+      await this.flush();
+    } catch (e) {
+      err = e;
+    }
+    try {
+      if (this.s.backing) await this.s.backing.close();
+    } finally {
+      await this.s.file.close();
+    }
+    if (err !== undefined) throw err;
+  }
+}
+
+/** The qcow version 1 read-write ops table. */
+export const qcowReadWriteOps: DiskImageOps<QcowWriter> = {
+  name: 'qcow-rw',
+  readSector(disk, sector, buf) {
+    return disk.priv.s.readAt(sector * SECTOR_SIZE, buf).then(() => buf.length);
+  },
+  async writeSector(disk, sector, buf) {
+    const w = disk.priv;
+    const cs = w.s.clusterSize;
+    const off = sector * SECTOR_SIZE;
+    const parts: Promise<void>[] = [];
+    for (let pos = 0; pos < buf.length; ) {
+      const cur = off + pos;
+      const n = Math.min(buf.length - pos, cs - (cur % cs));
+      parts.push(w.writeInCluster(cur, buf.subarray(pos, pos + n)));
+      pos += n;
+    }
+    const results = await Promise.allSettled(parts);
+    const bad = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (bad) throw bad.reason;
+    return buf.length;
+  },
+  flush(disk) {
+    return disk.priv.flush();
+  },
+  close(disk) {
+    return disk.priv.close();
+  },
+  discard(disk, sector, count) {
+    return disk.priv.zeroRange(sector * SECTOR_SIZE, count * SECTOR_SIZE, 'discard');
+  },
+  writeZeroes(disk, sector, count) {
+    return disk.priv.zeroRange(sector * SECTOR_SIZE, count * SECTOR_SIZE, 'zero');
+  },
+  blockStatus(disk, offset, length) {
+    return disk.priv.s.blockStatus(offset, length);
+  },
+  describe(disk) {
+    return disk.priv.s.describe();
+  },
+};
+
+/** Opens a qcow version 1 image read-write over a writable file (closing it when opening fails). */
+export async function openQcow1ReadWrite(file: ImageFile, opts: QcowOpenOptions): Promise<DiskImage<QcowWriter>> {
+  let w: QcowWriter;
+  try {
+    w = new QcowWriter(await openQcowState(file, opts));
+  } catch (e) {
+    await file.close().catch(() => undefined);
+    throw e;
+  }
+  return new DiskImage<QcowWriter>({ path: opts.path, format: 'qcow', size: w.s.size, readonly: false, ops: qcowReadWriteOps, priv: w });
+}
