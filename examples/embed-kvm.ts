@@ -5,7 +5,8 @@
  *
  *   make build && node build/examples/embed-kvm.js disk.img
  *
- * It boots vblk's test guest (build/guest-kvm/blk-guest.bin), which prints PASS/FAIL lines.
+ * It boots vblk's test guest (build/guest-kvm/blk-guest.bin), which prints PASS/FAIL lines and
+ * exits with 0 when every check passed (this program's exit code is the guest's).
  * `vblk run` (src/kvm/run-guest.ts) is the complete version of this loop, with timeouts and
  * checks.
  */
@@ -14,16 +15,16 @@ import { openDiskImage } from '../src/disk/open';
 import { EventFdReader } from '../src/kvm/eventfd-reader';
 import { Kvm } from '../src/kvm/kvm';
 import { enterLongMode, writeBootTables } from '../src/kvm/long-mode';
-import { defaultGuestImage } from '../src/kvm/run-guest';
+import { GUEST_LAYOUT, defaultGuestImage, guestString } from '../src/kvm/run-guest';
 import { signalEventFd } from '../src/kvm/vm';
 import { GuestMemory } from '../src/memory/guest-memory';
 import { MMIO_REG, MMIO_WINDOW_SIZE, VirtioMmioTransport } from '../src/transport/mmio';
 import { VirtioBlkDevice } from '../src/virtio/blk';
 
-const MMIO_BASE = 0x1000_0000;
-const IRQ = 5;
+const { MMIO_BASE, IRQ, PORT_REPORT, PORT_STRING, PORT_EXIT } = GUEST_LAYOUT;
 
-async function main(imagePath: string): Promise<void> {
+/** Runs the test guest against `imagePath`; resolves to the guest's exit code. */
+async function main(imagePath: string): Promise<number> {
   const disk = await openDiskImage(imagePath, { readonly: true });
   const kvm = Kvm.open(); // one clear error line if /dev/kvm is missing or not permitted
   const vm = kvm.createVm();
@@ -54,16 +55,21 @@ async function main(imagePath: string): Promise<void> {
   vcpu.setRegs(regs);
 
   // 5. The run loop: KVM_RUN runs on a worker thread; exits come back here.
-  for (;;) {
+  let guestExit: number | undefined;
+  while (guestExit === undefined) {
     const exit = await vcpu.run();
-    if (exit.kind === 'io' && exit.port === 0xe9) process.stdout.write(exit.data.toString('latin1'));
-    else if (exit.kind === 'io' && exit.port === 0xf4) break; // the guest is done
+    // The guest reports bytes on one port and whole strings (their guest address) on another.
+    if (exit.kind === 'io' && exit.port === PORT_REPORT) process.stdout.write(exit.data.toString('latin1'));
+    else if (exit.kind === 'io' && exit.port === PORT_STRING && exit.size === 4) process.stdout.write(guestString(ram.buffer, exit.data.readUInt32LE(0)));
+    else if (exit.kind === 'io' && exit.port === PORT_EXIT) guestExit = exit.data[0] ?? 1; // the guest is done
     else if (exit.kind === 'mmio') {
       const off = exit.address - MMIO_BASE;
       if (off >= 0 && off < MMIO_WINDOW_SIZE) {
         if (exit.isWrite) mmio.writeBytes(off, exit.data);
         else mmio.readBytes(off, exit.data);
         await mmio.settled(); // a reset finishes before the guest sees Status again
+      } else if (!exit.isWrite) {
+        exit.data.fill(0xff); // nothing mapped there: reads see all-ones, as on real hardware
       }
     }
   }
@@ -74,9 +80,21 @@ async function main(imagePath: string): Promise<void> {
   vm.close();
   kvm.close();
   await disk.close();
+  return guestExit;
 }
 
-main(process.argv[2] ?? '').catch((e: unknown) => {
-  process.stderr.write(`embed-kvm: ${e instanceof Error ? e.message : String(e)}\n`);
+const image = process.argv[2];
+if (image === undefined) {
+  process.stderr.write('usage: node build/examples/embed-kvm.js DISK-IMAGE\n');
   process.exitCode = 1;
-});
+} else {
+  main(image).then(
+    (code) => {
+      process.exitCode = code;
+    },
+    (e: unknown) => {
+      process.stderr.write(`embed-kvm: ${e instanceof Error ? e.message : String(e)}\n`);
+      process.exitCode = 1;
+    },
+  );
+}

@@ -107,7 +107,7 @@ fi
 # report ----------------------------------------------------------------------------------------
 step "report"
 printf 'image           %s (%s, %s)\n' "$(basename "$IMG")" "$FMT" "$(du -h "$IMG" | cut -f1) allocated"
-printf 'guest           %s s, workload rc=%s\n' "$(echo "$END - $START" | bc 2>/dev/null || echo '?')" "${GUEST_RC:-none}"
+printf 'guest           %s s, workload rc=%s\n' "$(awk -v a="$START" -v b="$END" 'BEGIN { printf "%.1f", b - a }')" "${GUEST_RC:-none}"
 for r in mkfs md5 fstrim fsck; do
   printf '  %-13s %s\n' "$r" "$(sed -n "s/^VBLK-RESULT $r //p" "$TMP/guest.log")"
 done

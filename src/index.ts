@@ -12,6 +12,17 @@ export { Qcow2Header, QcowHeader } from './disk/qcow/header';
 export { openQcow2, openQcow2State, qcow2ReadOnlyOps, Qcow2State } from './disk/qcow/qcow2';
 export { openQcow1, qcowReadOnlyOps, QcowState } from './disk/qcow/qcow1';
 export { L2Cache, L2Table } from './disk/qcow/l2-cache';
+// read-write qcow2 / qcow, create, check, refcounts, fault injection (src/disk/qcow, H3)
+export { openQcow2ReadWrite, qcow2ReadWriteOps } from './disk/qcow/qcow2-rw';
+export { Qcow2Writer } from './disk/qcow/alloc';
+export { openQcow1ReadWrite, qcowReadWriteOps, QcowWriter } from './disk/qcow/qcow1-rw';
+export { createImage } from './disk/qcow/create';
+export type { CreateOptions } from './disk/qcow/create';
+export { checkQcow2, checkQcow2File, checkExitCode, repairRefcounts } from './disk/qcow/check';
+export type { CheckResult, RepairMode } from './disk/qcow/check';
+export { RefcountManager, getRefcount, setRefcount } from './disk/qcow/refcount';
+export { FaultyFile } from './disk/faulty-file';
+export type { FaultPlan } from './disk/faulty-file';
 export { readBytesAt } from './disk/qcow/chain';
 export type { ByteReader } from './disk/qcow/chain';
 // guest memory, virtqueue, virtio-blk device, mock driver (src/memory, src/virtio)

@@ -33,7 +33,12 @@ export interface DiskImageOps<P = unknown> {
   flush(disk: DiskImage<P>): Promise<void>;
   /** Flushes and releases the host file(s). Idempotent at the DiskImage level. */
   close(disk: DiskImage<P>): Promise<void>;
-  /** Optional: deallocate `count` sectors (contents afterwards read as zero or as the backing file). */
+  /**
+   * Optional: tell the image `count` sectors are no longer needed. As with virtio-blk DISCARD and
+   * QEMU, the contents afterwards are unspecified: whole clusters may be deallocated (reading as
+   * zeroes or as the backing file) while partial clusters keep their old data. Callers that need
+   * zeroes use `writeZeroes`.
+   */
   discard?(disk: DiskImage<P>, sector: number, count: number): Promise<void>;
   /** Optional: make `count` sectors read as zeroes; `unmap` allows deallocation. */
   writeZeroes?(disk: DiskImage<P>, sector: number, count: number, unmap: boolean): Promise<void>;

@@ -61,14 +61,19 @@ export class Kvm {
       if (errno === 'EACCES' || errno === 'EPERM') {
         throw new TransportError('E_KVM', `Cannot open ${device}: permission denied (run as a user in the group that owns ${device}, usually 'kvm')`, { device, reason: 'permission' }, { cause: e });
       }
-      throw new TransportError('E_KVM', `Cannot open ${device}: ${String(errno ?? e)}`, { device, reason: 'open' }, { cause: e });
+      // No errno: the native layer itself failed (ffi-rs missing...); its message says why.
+      const why = typeof errno === 'string' ? errno : e instanceof Error ? e.message : String(e);
+      throw new TransportError('E_KVM', `Cannot open ${device}: ${why}`, { device, reason: 'open' }, { cause: e });
     }
     let version: number;
     try {
       version = kvmIoctl(fd, KVM_IOCTL.GET_API_VERSION, 0, 'KVM_GET_API_VERSION');
     } catch (e) {
       close(fd);
-      throw new TransportError('E_KVM', `Cannot use ${device}: KVM_GET_API_VERSION failed (${e instanceof Error ? e.message : String(e)})`, { device, reason: 'api' }, { cause: e });
+      const errno = isVblkError(e) ? e.data['errnoName'] : undefined;
+      // ENOTTY: the file does not understand KVM ioctls at all (e.g. --kvm /dev/null).
+      const why = errno === 'ENOTTY' ? 'it is not a KVM device (KVM_GET_API_VERSION failed with ENOTTY)' : `KVM_GET_API_VERSION failed (${e instanceof Error ? e.message : String(e)})`;
+      throw new TransportError('E_KVM', `Cannot use ${device}: ${why}`, { device, reason: 'api' }, { cause: e });
     }
     try {
       checkKvmApiVersion(version, device);

@@ -108,8 +108,11 @@ export const MAX_REPORT_LINE = 1024;
 /** Most report lines kept; the guest prints about 20. */
 export const MAX_REPORT_LINES = 1000;
 
-/** The NUL-terminated string at guest address `addr` (at most 256 bytes, clipped to RAM). */
-function guestString(ram: Buffer, addr: number): string {
+/**
+ * The NUL-terminated string at guest address `addr` (at most 256 bytes, clipped to RAM): what
+ * the guest passes by address on port 0xEA.
+ */
+export function guestString(ram: Buffer, addr: number): string {
   if (addr >= ram.length) return '';
   const window = ram.subarray(addr, Math.min(ram.length, addr + MAX_GUEST_STRING));
   const nul = window.indexOf(0);

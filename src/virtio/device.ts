@@ -19,8 +19,8 @@ import type { GuestMemory } from '../memory/guest-memory';
  *   device would have read (vhost-user GET_VRING_BASE).
  * - `reset` stops every queue the same way and returns the device to its initial state.
  * - On ring corruption the device stops the queue, sets `needsReset` and calls
- *   `QueueStart.configChanged` / the notifier so the transport can raise a config interrupt with
- *   DEVICE_NEEDS_RESET; it never throws out of `queueNotify`.
+ *   the callback registered with `onConfigChange`, so the transport can raise a config interrupt
+ *   with DEVICE_NEEDS_RESET; it never throws out of `queueNotify`.
  */
 export interface VirtioDevice {
   /** Virtio device id (2 = block). */

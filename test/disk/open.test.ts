@@ -66,18 +66,18 @@ describe('openDiskImage: probing and formats', function () {
     await d.close();
   });
 
-  it('opening a format that has no read-write table read-write fails clearly, naming the format', async function () {
-    // Which formats can be written changes as the read-write work lands; test every one that cannot.
-    const readOnlyFormats = (Object.keys(FORMATS) as (keyof typeof FORMATS)[]).filter((f) => FORMATS[f].readWrite === undefined);
-    if (readOnlyFormats.length === 0) {
-      console.log('      (skipped: every format has a read-write table in this build)');
-      this.skip();
-    }
-    for (const fmt of readOnlyFormats) {
-      const f = createImage(tmp.file(`rw.${fmt}`), '1M', { format: fmt });
+  it('opening read-write a format whose FORMATS entry has no read-write table fails clearly, naming the format', async () => {
+    // Every format may have a read-write table by now, so take qcow's away for this test: the
+    // refusal path must keep working for the next format that is added read-only first.
+    const f = createImage(tmp.file('rw.qcow'), '1M', { format: 'qcow' });
+    const saved = FORMATS.qcow;
+    FORMATS.qcow = { readOnly: saved.readOnly };
+    try {
       const e = await rejects(openDiskImage(f, { readonly: false }));
-      expect(isVblkError(e, 'E_DISK_READONLY'), fmt).to.equal(true);
-      expect(e.message).to.equal(`Cannot open ${f} read-write: writing ${fmt} images is not supported yet; open it read-only`);
+      expect(isVblkError(e, 'E_DISK_READONLY')).to.equal(true);
+      expect(e.message).to.equal(`Cannot open ${f} read-write: writing qcow images is not supported yet; open it read-only`);
+    } finally {
+      FORMATS.qcow = saved;
     }
   });
 

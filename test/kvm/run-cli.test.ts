@@ -39,10 +39,10 @@ describe('vblk run', function () {
       expect(() => checkKvmApiVersion(12)).to.not.throw();
     });
 
-    it('a device that is not KVM (/dev/null): exit 2 and one line naming the failed ioctl', async function () {
+    it('a device that is not KVM (/dev/null): exit 2 and one line saying so, naming the failed ioctl', async function () {
       const r = await vblk('run', '--kvm', '/dev/null');
       expect(r.status).to.equal(2);
-      expect(r.stderr).to.equal('vblk: Cannot use /dev/null: KVM_GET_API_VERSION failed (Cannot KVM_GET_API_VERSION: ENOTTY)\n');
+      expect(r.stderr).to.equal('vblk: Cannot use /dev/null: it is not a KVM device (KVM_GET_API_VERSION failed with ENOTTY)\n');
     });
   });
 

@@ -43,6 +43,18 @@ describe('qcow2 read-write: random workloads against qemu-img check and compare'
     { name: 'v3 4k at queue depth 32', cs: 4096, compat: '1.1', rb: 16, depth: 32 },
     { name: 'v3 64k at queue depth 32', cs: 65536, compat: '1.1', rb: 16, depth: 32 },
   ];
+  it('stays clean with a 4-table L2 cache (dirty tables written back on eviction)', async () => {
+    const img = tmp.file('tiny-cache.qcow2');
+    await createImage(img, { format: 'qcow2', size: SIZE, clusterSize: 512 });
+    const disk = await openDiskImage(img, { l2CacheBytes: 2048 });
+    const mirror = new Uint8Array(SIZE);
+    await applyOps(disk, mirror, makeOps(99, 600, SIZE, 512, { zero: true, discard: true, maxClusters: 16 }), { clusterSize: 512, depth: 8 });
+    await disk.close();
+    const c = qemuCheck(img);
+    expect(c.status, c.out).to.equal(0);
+    expect(qemuCompare(img, mirror, tmp.file('tiny-cache.raw')).status).to.equal(0);
+  });
+
   shapes.forEach((sh, i) => {
     it(`stays clean and identical to the mirror: ${sh.name}`, async () => {
       const img = tmp.file(`w${i}.qcow2`);

@@ -1,4 +1,5 @@
 import { expect } from 'chai';
+import fc from 'fast-check';
 import {
   MessageDecoder,
   decodeConfig,
@@ -81,6 +82,61 @@ describe('vhost-user codec', () => {
       expect(d.push(wire.subarray(0, 20), [7])).to.deep.equal([]);
       const out = d.push(wire.subarray(20));
       expect(out[0]?.fds).to.deep.equal([7]);
+    });
+
+    it('property: any message stream read back under Unix-socket recvmsg rules decodes to the same messages and descriptors', () => {
+      const message = fc.record({
+        request: fc.integer({ min: 1, max: 40 }),
+        payload: fc.uint8Array({ maxLength: 300 }),
+        nfds: fc.oneof(fc.constant(0), fc.integer({ min: 1, max: 8 })),
+      });
+      fc.assert(
+        fc.property(fc.array(message, { minLength: 1, maxLength: 12 }), fc.array(fc.integer({ min: 1, max: 700 }), { minLength: 1, maxLength: 8 }), (msgs, sizes) => {
+          // Each message is one send (one skb) carrying its fds; fd numbers are unique.
+          let nextFd = 100;
+          const skbs = msgs.map((m) => ({
+            bytes: encodeMessage(m.request, FLAGS.VERSION, Buffer.from(m.payload)),
+            fds: Array.from({ length: m.nfds }, () => nextFd++),
+          }));
+          // recvmsg: copies from successive skbs up to the buffer size; takes the fds of an skb
+          // the first time it copies from it, and then stops.
+          const d = new MessageDecoder();
+          const out: VhostUserMessage[] = [];
+          let i = 0;
+          let off = 0;
+          let read = 0;
+          while (i < skbs.length) {
+            const size = sizes[read++ % sizes.length] as number;
+            const parts: Buffer[] = [];
+            let fds: number[] = [];
+            let n = 0;
+            while (i < skbs.length && n < size) {
+              const skb = skbs[i] as { bytes: Buffer; fds: number[] };
+              const take = Math.min(size - n, skb.bytes.length - off);
+              parts.push(skb.bytes.subarray(off, off + take));
+              n += take;
+              const first = off === 0;
+              off += take;
+              if (off === skb.bytes.length) {
+                i++;
+                off = 0;
+              }
+              if (first && skb.fds.length > 0) {
+                fds = skb.fds;
+                break;
+              }
+            }
+            out.push(...d.push(Buffer.concat(parts), fds));
+          }
+          expect(out.map((m) => m.request)).to.deep.equal(msgs.map((m) => m.request));
+          out.forEach((m, k) => {
+            expect(m.payload.equals(Buffer.from((msgs[k] as { payload: Uint8Array }).payload))).to.equal(true);
+            expect(m.fds).to.deep.equal((skbs[k] as { fds: number[] }).fds);
+          });
+          expect(d.takeFds()).to.deep.equal([]);
+        }),
+        { numRuns: 300 },
+      );
     });
 
     it('rejects a header with a protocol version other than 1', () => {

@@ -118,6 +118,21 @@ export class Qcow2Writer implements ByteReader {
     return this.s.file.write(buf, pos);
   }
 
+  /** Last write issued per L2 table: two writes of one table are never in flight together. */
+  readonly #tableWrites = new Map<number, Promise<void>>();
+
+  /** Writes a table snapshot after any earlier write of the same table has finished. */
+  async #writeTable(off: number, bytes: Uint8Array): Promise<void> {
+    const prev = this.#tableWrites.get(off);
+    const p = (prev ?? Promise.resolve()).catch(() => undefined).then(() => this.#fileWrite(bytes, off));
+    this.#tableWrites.set(off, p);
+    try {
+      await p;
+    } finally {
+      if (this.#tableWrites.get(off) === p) this.#tableWrites.delete(off);
+    }
+  }
+
   #markDirty(t: L2Table): void {
     this.#versions.set(t, (this.#versions.get(t) ?? 0) + 1);
     this.s.l2Cache.markDirty(t);
@@ -460,7 +475,7 @@ export class Qcow2Writer implements ByteReader {
     const bytes = t.encode();
     await this.rc.flush();
     await this.s.file.sync();
-    await this.#fileWrite(bytes, t.offset);
+    await this.#writeTable(t.offset, bytes);
     if ((this.#versions.get(t) ?? 0) === v) t.dirty = false;
   }
 
@@ -477,7 +492,7 @@ export class Qcow2Writer implements ByteReader {
     try {
       await this.rc.flush();
       await s.file.sync();
-      for (const x of tables) await this.#fileWrite(x.bytes, x.t.offset);
+      for (const x of tables) await this.#writeTable(x.t.offset, x.bytes);
       await s.file.sync();
     } catch (e) {
       this.#pendingFree.unshift(...frees);

@@ -57,6 +57,20 @@ export class QcowWriter {
     return off;
   }
 
+  /** Last write issued per L2 table: two writes of one table are never in flight together. */
+  readonly #tableWrites = new Map<number, Promise<void>>();
+
+  async #writeTable(off: number, bytes: Uint8Array): Promise<void> {
+    const prev = this.#tableWrites.get(off);
+    const p = (prev ?? Promise.resolve()).catch(() => undefined).then(() => this.#write(bytes, off));
+    this.#tableWrites.set(off, p);
+    try {
+      await p;
+    } finally {
+      if (this.#tableWrites.get(off) === p) this.#tableWrites.delete(off);
+    }
+  }
+
   #markDirty(t: L2Table): void {
     this.#versions.set(t, (this.#versions.get(t) ?? 0) + 1);
     this.s.l2Cache.markDirty(t);
@@ -67,7 +81,7 @@ export class QcowWriter {
     const v = this.#versions.get(t) ?? 0;
     const bytes = t.encode();
     await this.s.file.sync(); // the data the entries point at first
-    await this.#write(bytes, t.offset);
+    await this.#writeTable(t.offset, bytes);
     if ((this.#versions.get(t) ?? 0) === v) t.dirty = false;
   }
 
@@ -191,7 +205,7 @@ export class QcowWriter {
       const s = this.s;
       const dirty = [...s.l2Cache.tables()].filter((t) => t.dirty).map((t) => ({ t, v: this.#versions.get(t) ?? 0, bytes: t.encode() }));
       await s.file.sync();
-      for (const d of dirty) await this.#write(d.bytes, d.t.offset);
+      for (const d of dirty) await this.#writeTable(d.t.offset, d.bytes);
       await s.file.sync();
       for (const d of dirty) if ((this.#versions.get(d.t) ?? 0) === d.v) d.t.dirty = false;
     });

@@ -256,15 +256,25 @@ export class RefcountManager {
     this.#cache.set(rtIdx, b);
   }
 
+  /** The last write issued per block offset: writes of one block are never in flight together. */
+  readonly #writing = new Map<number, Promise<void>>();
+
   async #writeBlock(rtIdx: number, b: CachedBlock): Promise<void> {
     const off = this.#table[rtIdx];
     if (off === undefined || off === 0) throw new RangeError(`refcount block ${rtIdx} has no offset`);
     b.dirty = false;
+    // Two writes of the same block in flight could land in either order (an older copy last), so
+    // each waits for the previous one; the bytes are copied when the write is issued.
+    const prev = this.#writing.get(off);
+    const p = (prev ?? Promise.resolve()).catch(() => undefined).then(() => this.file.write(b.data.slice(), off));
+    this.#writing.set(off, p);
     try {
-      await this.file.write(b.data, off);
+      await p;
     } catch (e) {
       b.dirty = true;
       throw e;
+    } finally {
+      if (this.#writing.get(off) === p) this.#writing.delete(off);
     }
   }
 

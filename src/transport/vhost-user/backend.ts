@@ -180,11 +180,9 @@ export class VhostUserBackend {
       return wantsAck ? { reply: encodeReply(m.request, encodeU64(0n)) } : {};
     } catch (e) {
       const msg = e instanceof Error ? e.message : String(e);
-      this.#env.log(`vhost-user: ${requestName(m.request)} failed: ${msg}`);
-      if (!isVblkError(e) && !(e instanceof RangeError)) {
-        // A bug of ours: still never crash the server, but say so.
-        this.#env.log(`vhost-user: internal error: ${e instanceof Error && e.stack ? e.stack.split('\n')[1]?.trim() ?? '' : ''}`);
-      }
+      // Anything but a typed error is a bug of ours: still never crash the server, but say where.
+      const where = !isVblkError(e) && e instanceof Error && e.stack ? ` (internal error ${e.stack.split('\n')[1]?.trim() ?? ''})` : '';
+      this.#env.log(`vhost-user: ${requestName(m.request)} failed: ${msg}${where}`);
       if (MUST_REPLY.has(m.request)) return { close: true };
       return wantsAck ? { reply: encodeReply(m.request, encodeU64(1n)) } : {};
     } finally {
