@@ -6,13 +6,14 @@
  *
  * Each back-end serves one guest boot that runs every row (scripts/guest/workloads/bench.sh); the
  * order alternates between rounds (VBLK_BENCH_ROUNDS, default 1) and the best round is kept, so a
- * noisy neighbour on a shared machine penalises both sides alike.
+ * noisy neighbour on a shared machine penalises both sides alike. Formats: VBLK_BENCH_GUEST_FORMATS
+ * (default "raw,qcow2"; the qcow2 image is fully allocated by converting the filled raw one).
  */
 import * as child from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { bootGuest, guestUnavailableReason } from '../transport/vhost-user/qemu-guest';
-import { hasTool } from './suite';
+import { hasTool, tool } from './suite';
 import type { BenchRow, BenchSuite } from './suite';
 
 /** fio rows run in the guest: name, rw, block size, iodepth, unit. */
@@ -104,32 +105,43 @@ export const guestSuite: BenchSuite = {
   async run(ctx) {
     const secs = Math.max(2, Math.round(3 * ctx.scale));
     const rounds = Math.max(1, Number(process.env['VBLK_BENCH_ROUNDS'] ?? '1'));
-    const image = path.join(ctx.dir, 'guest.raw');
-    ctx.progress('guest suite: preparing a 256 MiB raw image');
-    const fd = fs.openSync(image, 'w');
+    const formats = (process.env['VBLK_BENCH_GUEST_FORMATS'] ?? 'raw,qcow2').split(',').filter((f): f is 'raw' | 'qcow2' => f === 'raw' || f === 'qcow2');
+    const raw = path.join(ctx.dir, 'guest.raw');
+    ctx.progress('guest suite: preparing a 256 MiB image');
+    const fd = fs.openSync(raw, 'w');
     const chunk = Buffer.alloc(1 << 20, 0x33);
     for (let i = 0; i < 256; i++) fs.writeSync(fd, chunk, 0, chunk.length, i << 20);
     fs.closeSync(fd);
-    let best: Record<'vblk' | 'qsd', Measured | undefined> = { vblk: undefined, qsd: undefined };
-    for (let round = 0; round < rounds; round++) {
-      const order: ('vblk' | 'qsd')[] = round % 2 === 0 ? ['qsd', 'vblk'] : ['vblk', 'qsd'];
-      for (const kind of order) {
-        ctx.progress(`guest suite: round ${round + 1}/${rounds}, fio in the guest over ${kind}`);
-        best = { ...best, [kind]: better(best[kind], await measure(kind, image, 'raw', ctx.dir, secs)) };
+    const rows: BenchRow[] = [];
+    for (const format of formats) {
+      let image = raw;
+      if (format === 'qcow2') {
+        // Fully allocated, so reads hit data clusters on both sides.
+        image = path.join(ctx.dir, 'guest.qcow2');
+        tool('qemu-img', ['convert', '-O', 'qcow2', raw, image]);
+      }
+      let best: Record<'vblk' | 'qsd', Measured | undefined> = { vblk: undefined, qsd: undefined };
+      for (let round = 0; round < rounds; round++) {
+        const order: ('vblk' | 'qsd')[] = round % 2 === 0 ? ['qsd', 'vblk'] : ['vblk', 'qsd'];
+        for (const kind of order) {
+          ctx.progress(`guest suite: ${format}, round ${round + 1}/${rounds}, fio in the guest over ${kind}`);
+          best = { ...best, [kind]: better(best[kind], await measure(kind, image, format, ctx.dir, secs)) };
+        }
+      }
+      for (const r of ROWS) {
+        const v = best.vblk?.get(r.name) ?? { iops: 0, kib: 0 };
+        const p = best.qsd?.get(r.name) ?? { iops: 0, kib: 0 };
+        const mib = r.unit === 'MiB/s';
+        rows.push({
+          name: `guest fio ${format} ${r.name}`,
+          unit: r.unit,
+          peerName: 'qemu-storage-daemon',
+          peer: mib ? p.kib / 1024 : p.iops,
+          vblk: mib ? v.kib / 1024 : v.iops,
+          note: 'QEMU TCG guest',
+        });
       }
     }
-    return ROWS.map((r): BenchRow => {
-      const v = best.vblk?.get(r.name) ?? { iops: 0, kib: 0 };
-      const p = best.qsd?.get(r.name) ?? { iops: 0, kib: 0 };
-      const mib = r.unit === 'MiB/s';
-      return {
-        name: `guest fio raw ${r.name}`,
-        unit: r.unit,
-        peerName: 'qemu-storage-daemon',
-        peer: mib ? p.kib / 1024 : p.iops,
-        vblk: mib ? v.kib / 1024 : v.iops,
-        note: 'QEMU TCG guest',
-      };
-    });
+    return rows;
   },
 };

@@ -8,6 +8,26 @@ import { Vm } from './vm';
 /** Default KVM device node. */
 export const KVM_DEVICE = '/dev/kvm';
 
+/**
+ * The system calls `Kvm.open` makes, injectable so tests can play a host without permission or
+ * with an old KVM API (bindings-cpp's injectable syscalls, STYLE.md section 2).
+ */
+export interface KvmOpenSyscalls {
+  exists(path: string): boolean;
+  /** open(2); throws a VblkError whose data.errnoName is the errno (as src/native/libc.ts). */
+  open(path: string, flags: number): number;
+  ioctl(fd: number, request: number, value: number, what: string): number;
+  close(fd: number): void;
+}
+
+/** The real system calls. */
+export const NATIVE_KVM_SYSCALLS: KvmOpenSyscalls = {
+  exists: (p) => fs.existsSync(p),
+  open: (p, flags) => open(p, flags),
+  ioctl: (fd, request, value, what) => kvmIoctl(fd, request, value, what),
+  close: (fd) => close(fd),
+};
+
 /** Throws E_KVM "Cannot use DEV: KVM API version N, vblk needs 12" unless `version` is 12. */
 export function checkKvmApiVersion(version: number, device = KVM_DEVICE): void {
   if (version !== KVM_API_VERSION) {
@@ -49,13 +69,13 @@ export class Kvm {
    * Opens the KVM device and checks the API version.
    * @throws TransportError E_KVM: missing device, no permission, or an API version other than 12.
    */
-  static open(device = KVM_DEVICE): Kvm {
-    if (!fs.existsSync(device)) {
+  static open(device = KVM_DEVICE, sys: KvmOpenSyscalls = NATIVE_KVM_SYSCALLS): Kvm {
+    if (!sys.exists(device)) {
       throw new TransportError('E_KVM', `Cannot open ${device}: it does not exist (KVM is not available on this host)`, { device, reason: 'missing' });
     }
     let fd: number;
     try {
-      fd = open(device, O_RDWR);
+      fd = sys.open(device, O_RDWR);
     } catch (e) {
       const errno = isVblkError(e) ? e.data['errnoName'] : undefined;
       if (errno === 'EACCES' || errno === 'EPERM') {
@@ -67,9 +87,9 @@ export class Kvm {
     }
     let version: number;
     try {
-      version = kvmIoctl(fd, KVM_IOCTL.GET_API_VERSION, 0, 'KVM_GET_API_VERSION');
+      version = sys.ioctl(fd, KVM_IOCTL.GET_API_VERSION, 0, 'KVM_GET_API_VERSION');
     } catch (e) {
-      close(fd);
+      sys.close(fd);
       const errno = isVblkError(e) ? e.data['errnoName'] : undefined;
       // ENOTTY: the file does not understand KVM ioctls at all (e.g. --kvm /dev/null).
       const why = errno === 'ENOTTY' ? 'it is not a KVM device (KVM_GET_API_VERSION failed with ENOTTY)' : `KVM_GET_API_VERSION failed (${e instanceof Error ? e.message : String(e)})`;
@@ -78,7 +98,7 @@ export class Kvm {
     try {
       checkKvmApiVersion(version, device);
     } catch (e) {
-      close(fd);
+      sys.close(fd);
       throw e;
     }
     return new Kvm(fd, version);

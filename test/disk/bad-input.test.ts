@@ -262,6 +262,20 @@ describe('bad input: exact errors', function () {
     await expectReject(readAll(f), 'E_QCOW_CORRUPT', `Cannot read ${f}: L1 entry 0 points to L2 table 0x100000 past the end of the file (size 0x3000)`);
   });
 
+  it('qcow version 1: a backing file name past the end of the file', async () => {
+    const f = createImage(tmp.file('v1name.qcow'), '1M', { format: 'qcow' });
+    pokeBytes(f, 8, be64(0x100000n));
+    pokeBytes(f, 16, be32(10));
+    await expectReject(openDiskImage(f, { readonly: true }), 'E_QCOW_CORRUPT', `Cannot open ${f}: backing file name at 0x100000+10 is past the end of the file (size 0x230)`);
+  });
+
+  it('qcow version 1: a backing file name longer than 1023 bytes', async () => {
+    const f = createImage(tmp.file('v1long.qcow'), '1M', { format: 'qcow' });
+    pokeBytes(f, 8, be64(48n));
+    pokeBytes(f, 16, be32(5000));
+    await expectReject(openDiskImage(f, { readonly: true }), 'E_QCOW_CORRUPT', `Cannot open ${f}: invalid qcow header: backing_file_size 5000 is larger than 1023`);
+  });
+
   it('qcow version 1: a size that is not a JS safe integer', async () => {
     const f = createImage(tmp.file('v1size.qcow'), '1M', { format: 'qcow' });
     pokeBytes(f, 24, be64(1n << 60n));

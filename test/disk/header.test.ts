@@ -269,6 +269,15 @@ describe('QcowHeader (version 1) codec', function () {
     expect(QcowHeader.parse(b).backingFile).to.equal(undefined);
   });
 
+  it('takes the backing name from a separate read when given, and checks its length against backing_file_size', () => {
+    const b = new QcowHeader({ size: 1 << 20, l1TableOffset: 48 }).serialize();
+    b.writeBigUInt64BE(0x10000n, 8); // far past these 48 bytes
+    b.writeUInt32BE(4, 16);
+    expect(QcowHeader.parse(b, Buffer.from('base')).backingFile).to.equal('base');
+    expectError(() => QcowHeader.parse(b), 'E_QCOW_CORRUPT', 'Cannot parse qcow header: backing file name at 0x10000+4 is past the end of the header buffer');
+    expectError(() => QcowHeader.parse(b, Buffer.from('ba')), 'E_QCOW_CORRUPT', 'Cannot parse qcow header: backing file name at 0x10000 is 2 bytes, backing_file_size says 4');
+  });
+
   it('rejects cluster_bits outside 9..16 and a truncated header', () => {
     const h = new QcowHeader({ size: 1 << 20, l1TableOffset: 48 });
     const b = h.serialize();

@@ -1,5 +1,4 @@
 import { expect } from 'chai';
-import * as fs from 'node:fs';
 import { L2Cache, L2Table } from '../../src/disk/qcow/l2-cache';
 import { openDiskImage } from '../../src/disk/open';
 import type { Qcow2State } from '../../src/disk/qcow/qcow2';
@@ -165,6 +164,5 @@ describe('qcow2 read path: caching and concurrency', function () {
     expect(reads).to.equal(1);
     expect(buf.every((b) => b === 0x31)).to.equal(true);
     await d.close();
-    void fs;
   });
 });

@@ -112,6 +112,21 @@ describe('openDiskImage: probing and formats', function () {
     await d.close();
   });
 
+  it('a qcow image whose backing file name is stored far from the header still finds it (QEMU reads it anywhere)', async () => {
+    const base = createImage(tmp.file('farbase.raw'), '1M', { format: 'raw' });
+    fs.writeFileSync(base, Buffer.alloc(1 << 20, 0x3c));
+    const f = createImage(tmp.file('farname.qcow'), undefined, { format: 'qcow', backing: 'farbase.raw', backingFormat: 'raw' });
+    const at = fs.statSync(f).size + 4096; // past the first few KiB qemu-img writes
+    pokeBytes(f, at, Buffer.from('farbase.raw'));
+    pokeBytes(f, 8, be64(BigInt(at)));
+    const d = await openDiskImage(f, { readonly: true });
+    expect(d.describe().backingFile).to.equal('farbase.raw');
+    const buf = new Uint8Array(512);
+    await d.readSector(0, buf);
+    expect(buf.every((b) => b === 0x3c)).to.equal(true);
+    await d.close();
+  });
+
   it('a chain of 10 images reads through every level', async () => {
     let prev = createImage(tmp.file('c0.qcow2'), '1M');
     writePatterns(prev, [{ byte: 0x40, offset: 0, length: 512 }]);

@@ -1,6 +1,8 @@
 import { expect } from 'chai';
 import { openDiskImage } from '../../src/disk/open';
-import { Kind, type Qcow2State } from '../../src/disk/qcow/qcow2';
+import { Kind, openQcow2, type Qcow2State } from '../../src/disk/qcow/qcow2';
+import { NodeImageFile, type ImageFile } from '../../src/disk/file';
+import { DiskError } from '../../src/errors';
 import { requireQemu, useTempDir, createImage, writePatterns, qemuIo, qemuImg } from '../helpers/qemu';
 
 describe('Qcow2State (the object the write path builds on)', function () {
@@ -57,14 +59,11 @@ describe('read errors are never reported as success', function () {
   });
 
   it('an EIO from the host file rejects the request (kvmtool reported it as a full read)', async () => {
-    const { NodeImageFile } = await import('../../src/disk/file');
-    const { openQcow2 } = await import('../../src/disk/qcow/qcow2');
-    const { DiskError } = await import('../../src/errors');
     const f = createImage(tmp.file('eio.qcow2'), '1M');
     writePatterns(f, [{ byte: 9, offset: 0, length: 65536 }]);
     const inner = await NodeImageFile.open(f, { writable: false });
     let failReads = false;
-    const file = {
+    const file: ImageFile = {
       path: inner.path,
       writable: false,
       read: (b: Uint8Array, o: number) => (failReads && o >= 0x50000 ? Promise.reject(new DiskError('E_DISK_IO', `Cannot read ${f}: EIO i/o error (injected)`)) : inner.read(b, o)),

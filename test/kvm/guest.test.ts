@@ -129,26 +129,18 @@ describe('KVM test guest drives virtio-blk over virtio-mmio (real /dev/kvm)', fu
 
   it('qcow2, read-write: every check passes, qemu-img check is clean and qemu-io reads the patterns', async function () {
     const file = freshImage('disk.qcow2', 'qcow2');
-    let disk: DiskImage;
-    try {
-      disk = await openDiskImage(file, { readonly: false });
-    } catch (e) {
-      if (isVblkError(e, 'E_DISK_READONLY') || isVblkError(e, 'E_QCOW_UNSUPPORTED')) {
-        console.log(`      skip: qcow2 read-write is not available in this build (${(e as Error).message})`);
-        this.skip();
-      }
-      throw e;
-    }
-    let r: GuestRunReport;
-    try {
-      r = await runGuest({ timeoutMs: 30000, disk });
-    } finally {
-      await disk.close();
-    }
+    const r = await withDisk(file, false, (disk) => runGuest({ timeoutMs: 30000, disk }));
     expectAllPassed(r);
     qemuImg('check', '-q', file);
     qemuIo(file, ['read -P 0xa1 512 512', 'read -P 0xa2 1024 512', `read -P 0x5a ${SIZE - 512} 512`], { format: 'qcow2' });
     // qemuIo throws on "Pattern verification failed", so reaching here means every pattern matched.
+  });
+
+  it('qcow (version 1), read-write: every check passes and qemu-io reads the patterns', async function () {
+    const file = freshImage('disk.qcow', 'qcow');
+    const r = await withDisk(file, false, (disk) => runGuest({ timeoutMs: 30000, disk }));
+    expectAllPassed(r);
+    qemuIo(file, ['read -P 0xa1 512 512', 'read -P 0xa2 1024 512', `read -P 0x5a ${SIZE - 512} 512`], { format: 'qcow' });
   });
 
   it('kicks travel through the ioeventfd (no QueueNotify exit) and completions through the irqfd', async function () {

@@ -94,6 +94,21 @@ describe('qcow2 read-write: header bits, read-only opens, ranges, concurrency', 
     await ro.close();
   });
 
+  it('refuses a write through an L2 entry that aliases the L1 table and marks the image corrupt', async () => {
+    const img = tmp.file('alias.qcow2');
+    qemuCreate(img, '1M');
+    qemuIo(img, ['write -P 0x11 0 64k']);
+    pokeBytes(img, 0x40000, be64(0x8000000000030000n)); // L2 entry 0 -> the L1 table's cluster
+    const l1Before = readBytes(img, 0x30000, 8);
+    const d = await openDiskImage(img);
+    await rejectsWith(d.writeSector(0, new Uint8Array(512).fill(0xee)), 'E_QCOW_CORRUPT');
+    await rejectsWith(d.writeSector(1024, new Uint8Array(512)), 'E_QCOW_CORRUPT');
+    await d.close().catch(() => undefined);
+    expect(readBytes(img, 0x30000, 8).equals(l1Before), 'the L1 table is untouched').to.equal(true);
+    expect(incompat(img) & 2n, 'corrupt bit set').to.equal(2n);
+    await rejectsWith(openDiskImage(img), 'E_QCOW_CORRUPT');
+  });
+
   it('clears unknown autoclear bits before the first write', async () => {
     const img = tmp.file('autoclear.qcow2');
     await createImage(img, { format: 'qcow2', size: 1 << 20 });

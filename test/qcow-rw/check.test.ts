@@ -102,6 +102,41 @@ describe('vblk check agrees with qemu-img check', function () {
     });
   });
 
+  it('prints the same JSON as qemu-img check on clean images of many shapes (snapshots, compressed, v2, refcount widths)', async () => {
+    const shapes: { name: string; make: (f: string) => void }[] = [
+      { name: 'v2', make: (f) => qemuCreate(f, '8M', { options: { compat: '0.10', cluster_size: '4k' } }) },
+      { name: 'refbits1', make: (f) => qemuCreate(f, '8M', { options: { refcount_bits: '1', cluster_size: '512' } }) },
+      { name: 'refbits64', make: (f) => qemuCreate(f, '8M', { options: { refcount_bits: '64' } }) },
+      {
+        name: 'snapshots',
+        make: (f) => {
+          qemuCreate(f, '8M', { options: { cluster_size: '4k' } });
+          qemuIo(f, ['write -P 1 0 1M']);
+          run('qemu-img', ['snapshot', '-c', 's1', f]);
+          qemuIo(f, ['write -P 2 512k 1M']);
+          run('qemu-img', ['snapshot', '-c', 's2', f]);
+        },
+      },
+      {
+        name: 'compressed',
+        make: (f) => {
+          const raw = f + '.raw';
+          qemuCreate(raw, '8M', { format: 'raw' });
+          qemuIo(raw, ['write -P 7 0 3M'], { format: 'raw' });
+          run('qemu-img', ['convert', '-c', '-O', 'qcow2', raw, f]);
+        },
+      },
+    ];
+    for (const sh of shapes) {
+      const f = tmp.file(`shape-${sh.name}.qcow2`);
+      sh.make(f);
+      if (sh.name !== 'snapshots' && sh.name !== 'compressed') qemuIo(f, ['write -P 3 0 100k', 'write -P 4 2M 64k', 'discard 2M 64k', 'write -P 5 5M 8k']);
+      const q = JSON.parse(run('qemu-img', ['check', '--output=json', f]).stdout) as Record<string, unknown>;
+      const v = JSON.parse((await vblk(['check', '--output=json', f])).stdout) as Record<string, unknown>;
+      expect(v, sh.name).to.deep.equal(q);
+    }
+  });
+
   it('exits 63 for a qcow (version 1) image, as qemu-img does', async () => {
     const img = tmp.file('v1.qcow');
     qemuCreate(img, '1M', { format: 'qcow' });

@@ -49,44 +49,63 @@ export function makeOps(seed: number, n: number, size: number, clusterSize: numb
 }
 
 /**
- * Applies ops to the disk (sequentially, or `depth` at a time) and to the mirror. Discard only
- * changes whole clusters (what it does to partial clusters is advisory), and only reads as zero
- * where nothing lies beneath: `base` is the backing file's content (zeros when none); v3 images
- * and images without backing read zero after discard, so callers pass `discardReadsZero`.
+ * Applies ops to the disk (sequentially, or up to `depth` writes in flight) and to the mirror.
+ * Discard only changes whole clusters in the mirror (on partial clusters it is advisory); where a
+ * discarded cluster does not read as zero (v2 over a backing file), pass `discardMirror`.
  */
 export async function applyOps(disk: DiskImage, mirror: Uint8Array, ops: readonly Op[], opts: { clusterSize: number; depth?: number; discardMirror?: (off: number, len: number) => void } = { clusterSize: 65536 }): Promise<void> {
   const cs = opts.clusterSize;
   const depth = opts.depth ?? 1;
-  const inflight = new Set<Promise<void>>();
+  // In-flight writes with their byte ranges: a guest never has two overlapping writes in flight
+  // (their order would be undefined), so a write waits for the in-flight ones it overlaps.
+  const inflight = new Map<Promise<void>, [number, number]>();
+  const drain = async (): Promise<void> => {
+    await Promise.all(inflight.keys());
+  };
   for (const op of ops) {
     let p: Promise<void>;
     if (op.kind === 'flush') {
-      await Promise.all(inflight);
+      await drain();
       p = disk.flush();
     } else if (op.kind === 'write') {
+      const overlapping = [...inflight].filter(([, [o, l]]) => o < op.off + op.len && op.off < o + l).map(([q]) => q);
+      if (overlapping.length > 0) await Promise.all(overlapping);
       const buf = new Uint8Array(op.len).fill(op.byte);
       mirror.fill(op.byte, op.off, op.off + op.len);
       p = disk.writeSector(op.off / 512, buf).then(() => undefined);
     } else if (op.kind === 'zero') {
+      await drain();
       mirror.fill(0, op.off, op.off + op.len);
       p = disk.writeZeroes(op.off / 512, op.len / 512, op.unmap);
     } else {
+      await drain();
       const first = Math.ceil(op.off / cs) * cs;
       const last = Math.floor((op.off + op.len) / cs) * cs;
       if (last > first) (opts.discardMirror ?? ((o, l) => mirror.fill(0, o, o + l)))(first, last - first);
       p = disk.discard(op.off / 512, op.len / 512);
     }
-    // Keep overlapping requests ordered (a guest would not overlap in-flight writes either).
     if (depth <= 1 || op.kind !== 'write') {
-      await Promise.all(inflight);
       await p;
     } else {
-      inflight.add(p);
+      inflight.set(p, [op.off, op.len]);
       p.finally(() => inflight.delete(p)).catch(() => undefined);
-      if (inflight.size >= depth) await Promise.race(inflight);
+      if (inflight.size >= depth) await Promise.race(inflight.keys());
     }
   }
-  await Promise.all(inflight);
+  await drain();
+}
+
+/** Applies `ops` to the mirror only (for ops that qemu-io runs on the image). */
+export function applyToMirror(mirror: Uint8Array, ops: readonly Op[], clusterSize: number): void {
+  for (const op of ops) {
+    if (op.kind === 'write') mirror.fill(op.byte, op.off, op.off + op.len);
+    else if (op.kind === 'zero') mirror.fill(0, op.off, op.off + op.len);
+    else if (op.kind === 'discard') {
+      const first = Math.ceil(op.off / clusterSize) * clusterSize;
+      const last = Math.floor((op.off + op.len) / clusterSize) * clusterSize;
+      if (last > first) mirror.fill(0, first, last);
+    }
+  }
 }
 
 /** `qemu-img check` exit code and output. */

@@ -214,6 +214,34 @@ describe('vhost-user e2e: a Linux guest on vblk serve (QEMU TCG)', function () {
     expect(cmp.stdout).to.not.match(/Pattern verification failed/);
   });
 
+  it('SIGTERM while the guest is writing: vblk serve drains, flushes, closes the image and exits 0', async () => {
+    const img = qcow2 ? path.join(dir, 'term.qcow2') : rawImage('term.raw', 64 << 20);
+    if (qcow2) expect(qemuImg(['create', '-q', '-f', 'qcow2', img, '64M']).status).to.equal(0);
+    const s = new Served(path.join(dir, 'term.sock'), img);
+    await s.ready();
+    let exitCode: number | null | undefined;
+    const r = await bootGuest({
+      socket: s.socket,
+      workload: 'crash-write',
+      timeoutMs: 120_000,
+      onLine: (line, qemu) => {
+        if (!/^VBLK-FLUSHED 2$/.test(line)) return;
+        void s.stop().then((code) => {
+          exitCode = code;
+          qemu.kill('SIGKILL'); // the guest's disk is gone; end the VM
+        });
+      },
+    });
+    expect(r.rc, explain(r, s)).to.equal(undefined); // the workload was cut off, not finished
+    expect(exitCode, s.output).to.equal(0);
+    expect(s.output).to.match(/SIGTERM: draining, flushing and closing the image/);
+    expect(s.output).to.match(/vblk serve: stopped/);
+    if (qcow2) {
+      const check = qemuImg(['check', img]);
+      expect(check.status, check.out).to.equal(0);
+    }
+  });
+
   it('killing QEMU in the middle of a fio write job: the server survives, the image is consistent, a second boot reads back every flushed chunk', async () => {
     const img = qcow2 ? path.join(dir, 'crash.qcow2') : rawImage('crash.raw', 64 << 20);
     if (qcow2) expect(qemuImg(['create', '-q', '-f', 'qcow2', img, '64M']).status).to.equal(0);

@@ -3,8 +3,7 @@
  * KVM test guest (guest/blk-guest.c) with a virtio-blk device over IMG on virtio-mmio, prints
  * every line the guest reports and the VMM's own checks, and exits 0 only if all passed.
  *
- * Without --disk it uses a fresh temporary qcow2 image (raw when this build cannot write qcow2),
- * deleted afterwards. Exit codes: 0 all checks passed, 1 a check failed or the guest crashed,
+ * Without --disk it uses a fresh temporary qcow2 image, deleted afterwards. Exit codes: 0 all checks passed, 1 a check failed or the guest crashed,
  * 2 KVM is unusable here (missing /dev/kvm, no permission, old API).
  */
 import * as fs from 'node:fs';
@@ -17,23 +16,15 @@ import { isVblkError } from '../../errors';
 import { Kvm, KVM_DEVICE } from '../../kvm/kvm';
 import { runGuest, type GuestRunReport } from '../../kvm/run-guest';
 import { parseArgs, parseCount, parseFormat } from '../args';
-import { UsageError, type CliIO, type Command } from '../command';
+import { UsageError, type Command } from '../command';
 
 /** Size of the temporary image used when no --disk is given. */
 const TEMP_DISK_SIZE = 16 << 20;
 
-async function tempDisk(dir: string, readonly: boolean, io: CliIO): Promise<DiskImage> {
+async function tempDisk(dir: string, readonly: boolean): Promise<DiskImage> {
   const qcow2 = path.join(dir, 'run.qcow2');
   await createImage(qcow2, { format: 'qcow2', size: TEMP_DISK_SIZE });
-  try {
-    return await openDiskImage(qcow2, { readonly });
-  } catch (e) {
-    if (!isVblkError(e, 'E_DISK_READONLY')) throw e;
-    io.stdout.write('note: this build cannot write qcow2 images; using a temporary raw image\n');
-  }
-  const raw = path.join(dir, 'run.raw');
-  await createImage(raw, { format: 'raw', size: TEMP_DISK_SIZE });
-  return openDiskImage(raw, { readonly });
+  return openDiskImage(qcow2, { readonly });
 }
 
 /** Longest --timeout accepted: one day (Node timers cannot wait more than ~24.8 days anyway). */
@@ -74,7 +65,7 @@ export const runCommand: Command = {
     } else {
       tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'vblk-run-'));
       try {
-        disk = await tempDisk(tmp, readonly, io);
+        disk = await tempDisk(tmp, readonly);
       } catch (e) {
         fs.rmSync(tmp, { recursive: true, force: true });
         throw e;

@@ -114,11 +114,13 @@ export const serveCommand: Command = {
     const ro = s.device.readonly ? ', read-only' : '';
     io.stdout.write(`vblk serve: serving ${image} (${s.disk.format}, ${s.disk.size} bytes${ro}) on ${socketPath}\n`);
     s.server.on('connect', () => log(`front-end connected (session ${s.server.sessions})`));
+    let signalled = false;
     s.server.on('disconnect', (info: { kicks: number[] }) =>
-      log(`front-end disconnected (kicks per queue: ${info.kicks.join(', ')}); image flushed, waiting for the next connection`),
+      log(`front-end disconnected (kicks per queue: ${info.kicks.join(', ')}); image flushed${signalled ? '' : ', waiting for the next connection'}`),
     );
     await new Promise<void>((resolve) => {
       const onSignal = (sig: NodeJS.Signals): void => {
+        signalled = true;
         process.off('SIGINT', onSignal);
         process.off('SIGTERM', onSignal);
         log(`${sig}: draining, flushing and closing the image`);

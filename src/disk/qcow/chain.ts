@@ -6,8 +6,10 @@
  * or of the overlay's cluster size), and bytes past the backing file's end read as zeroes
  * (qcow2.rst: "the backing file is shorter than the image: the rest reads as zeroes").
  */
+import { DiskError } from '../../errors';
 import type { DiskImage } from '../disk-image';
-import type { BlockStatus } from '../types';
+import type { ImageFile } from '../file';
+import type { BlockStatus, DiskImageOps, ImageDescription } from '../types';
 import { SECTOR_SIZE } from '../types';
 
 /** Implemented by the private state of raw, qcow and qcow2 images. */
@@ -49,4 +51,60 @@ export async function readBytesAt(disk: DiskImage, offset: number, buf: Uint8Arr
 export async function backingStatus(disk: DiskImage, offset: number, length: number, depth: number): Promise<BlockStatus> {
   const s = await disk.blockStatus(offset, length);
   return { ...s, depth: s.depth + depth };
+}
+
+/** The private state of a read-only layered image (qcow, qcow2): what `layeredReadOnlyOps` needs. */
+export interface LayeredState extends ByteReader {
+  readonly file: ImageFile;
+  readonly backing: DiskImage | undefined;
+  blockStatus(offset: number, length: number): Promise<BlockStatus>;
+  describe(): ImageDescription;
+}
+
+/** Closes an image's backing chain, then its own file (also when the backing close fails). */
+export async function closeLayered(s: { readonly file: ImageFile; readonly backing: DiskImage | undefined }): Promise<void> {
+  try {
+    if (s.backing) await s.backing.close();
+  } finally {
+    await s.file.close();
+  }
+}
+
+/**
+ * The read-only ops table of a layered format: reads through `readAt`, writes rejected with
+ * E_DISK_READONLY, flush a no-op, close closes the backing chain too. One per format (`name`:
+ * "qcow-ro", ...), since a variant is a table, not a runtime branch.
+ */
+export function layeredReadOnlyOps<S extends LayeredState>(name: string): DiskImageOps<S> {
+  return {
+    name,
+    readSector(disk, sector, buf) {
+      return disk.priv.readAt(sector * SECTOR_SIZE, buf).then(() => buf.length);
+    },
+    writeSector(disk) {
+      return Promise.reject(new DiskError('E_DISK_READONLY', `Cannot write ${disk.path}: the image is open read-only`));
+    },
+    flush() {
+      return Promise.resolve();
+    },
+    close(disk) {
+      return closeLayered(disk.priv);
+    },
+    blockStatus(disk, offset, length) {
+      return disk.priv.blockStatus(offset, length);
+    },
+    describe(disk) {
+      return disk.priv.describe();
+    },
+  };
+}
+
+/** Runs `open` over `file`, closing the file if it fails (the opener contract of src/disk/open.ts). */
+export async function closingOnFailure<T>(file: ImageFile, open: () => Promise<T>): Promise<T> {
+  try {
+    return await open();
+  } catch (e) {
+    await file.close().catch(() => undefined);
+    throw e;
+  }
 }

@@ -471,12 +471,14 @@ export class QcowHeader implements QcowHeaderFields {
   }
 
   /**
-   * Parses a qcow1 header from the first bytes of the file (at least 48, plus the backing name).
+   * Parses a qcow1 header from the first bytes of the file (at least 48). The backing file name
+   * is taken from `backingName` when given (read separately: QEMU reads it wherever
+   * backing_file_offset points), else from `first`.
    *
    * @throws DiskError E_FORMAT_UNKNOWN (bad magic), E_QCOW_UNSUPPORTED (version, size),
    *   E_QCOW_CORRUPT (truncated, cluster_bits/l2_bits out of range, name outside the buffer).
    */
-  static parse(first: Uint8Array): QcowHeader {
+  static parse(first: Uint8Array, backingName?: Uint8Array): QcowHeader {
     const b = asBuffer(first);
     const what = 'qcow';
     if (b.length < 8) throw corrupt(what, `file is ${b.length} bytes, too short for the magic and version`);
@@ -498,9 +500,15 @@ export class QcowHeader implements QcowHeaderFields {
     if (h.l2Bits < 6 || h.l2Bits > 13) throw corrupt(what, `l2_bits ${h.l2Bits} is outside 6..13`, { field: 'l2_bits' });
     if (h.backingFileOffset !== 0) {
       if (nameLen > MAX_BACKING_NAME) throw corrupt(what, `backing_file_size ${nameLen} is larger than ${MAX_BACKING_NAME}`, { field: 'backing_file_size' });
-      if (h.backingFileOffset + nameLen > b.length) throw corrupt(what, `backing file name at ${hex(h.backingFileOffset)}+${nameLen} is past the end of the header buffer`);
+      let name = backingName;
+      if (name === undefined) {
+        if (h.backingFileOffset + nameLen > b.length) throw corrupt(what, `backing file name at ${hex(h.backingFileOffset)}+${nameLen} is past the end of the header buffer`);
+        name = b.subarray(h.backingFileOffset, h.backingFileOffset + nameLen);
+      } else if (name.length !== nameLen) {
+        throw corrupt(what, `backing file name at ${hex(h.backingFileOffset)} is ${name.length} bytes, backing_file_size says ${nameLen}`, { field: 'backing_file_size' });
+      }
       // An empty name means no backing file, as for qcow2 (QEMU opens such an image standalone).
-      if (nameLen > 0) h.backingFile = b.subarray(h.backingFileOffset, h.backingFileOffset + nameLen).toString('utf8');
+      if (nameLen > 0) h.backingFile = Buffer.from(name.buffer, name.byteOffset, name.byteLength).toString('utf8');
     }
     return h;
   }

@@ -10,10 +10,10 @@ import { DiskError, hex } from '../../errors';
 import { DiskImage } from '../disk-image';
 import type { ImageFile } from '../file';
 import type { BlockStatus, DiskImageOps, ImageDescription, ImageFormat } from '../types';
-import { QcowHeader, QCOW1_HEADER_SIZE } from './header';
+import { MAX_BACKING_NAME, QCOW_MAGIC, QcowHeader, QCOW1_HEADER_SIZE } from './header';
 import { L2Cache, L2Table } from './l2-cache';
 import { inflateCluster } from './compress';
-import { readBytesAt, backingStatus, type ByteReader } from './chain';
+import { readBytesAt, backingStatus, closingOnFailure, layeredReadOnlyOps, type ByteReader } from './chain';
 import { combinePath, MAX_L1_BYTES, DEFAULT_L2_CACHE_BYTES } from './qcow2';
 
 const TWO32 = 0x100000000;
@@ -240,15 +240,33 @@ export class QcowState implements ByteReader {
   }
 }
 
+/**
+ * The backing file name bytes, read wherever backing_file_offset points (as QEMU does), or
+ * undefined when there is none or the header is too short to say (QcowHeader.parse reports that).
+ */
+async function readBackingName(file: ImageFile, path: string, first: Buffer, fileSize: number): Promise<Uint8Array | undefined> {
+  if (first.length < QCOW1_HEADER_SIZE || first.readUInt32BE(0) !== QCOW_MAGIC) return undefined;
+  const offset = first.readBigUInt64BE(8);
+  const length = first.readUInt32BE(16);
+  // Oversized names are refused by parse (naming backing_file_size) before anything is read.
+  if (offset === 0n || length > MAX_BACKING_NAME) return undefined;
+  if (offset + BigInt(length) > BigInt(fileSize)) {
+    throw new DiskError('E_QCOW_CORRUPT', `Cannot open ${path}: backing file name at ${hex(offset)}+${length} is past the end of the file (size ${hex(fileSize)})`, { field: 'backing_file_offset' });
+  }
+  const name = Buffer.alloc(length);
+  if (length > 0) await file.read(name, Number(offset));
+  return name;
+}
+
 /** Opens the qcow1 state (header checks, L1, backing); the caller closes `file` on failure. */
 export async function openQcowState(file: ImageFile, opts: QcowOpenOptions): Promise<QcowState> {
   const path = opts.path;
   const fileSize = await file.size();
-  const first = Buffer.alloc(Math.min(QCOW1_HEADER_SIZE + 1024, fileSize));
+  const first = Buffer.alloc(Math.min(QCOW1_HEADER_SIZE, fileSize));
   await file.read(first, 0);
   let h: QcowHeader;
   try {
-    h = QcowHeader.parse(first);
+    h = QcowHeader.parse(first, await readBackingName(file, path, first, fileSize));
   } catch (e) {
     if (e instanceof DiskError) throw new DiskError(e.code, e.message.replace(/^Cannot parse qcow header:/, `Cannot open ${path}: invalid qcow header:`), e.data);
     throw e;
@@ -276,41 +294,10 @@ export async function openQcowState(file: ImageFile, opts: QcowOpenOptions): Pro
 }
 
 /** The read-only qcow version 1 ops table. */
-export const qcowReadOnlyOps: DiskImageOps<QcowState> = {
-  name: 'qcow-ro',
-  readSector(disk, sector, buf) {
-    return disk.priv.readAt(sector * 512, buf).then(() => buf.length);
-  },
-  writeSector(disk) {
-    return Promise.reject(new DiskError('E_DISK_READONLY', `Cannot write ${disk.path}: the image is open read-only`));
-  },
-  flush() {
-    return Promise.resolve();
-  },
-  async close(disk) {
-    const s = disk.priv;
-    try {
-      if (s.backing) await s.backing.close();
-    } finally {
-      await s.file.close();
-    }
-  },
-  blockStatus(disk, offset, length) {
-    return disk.priv.blockStatus(offset, length);
-  },
-  describe(disk) {
-    return disk.priv.describe();
-  },
-};
+export const qcowReadOnlyOps: DiskImageOps<QcowState> = layeredReadOnlyOps<QcowState>('qcow-ro');
 
 /** Opens a qcow version 1 image read-only (closing `file` when opening fails). */
 export async function openQcow1(file: ImageFile, opts: QcowOpenOptions): Promise<DiskImage<QcowState>> {
-  let state: QcowState;
-  try {
-    state = await openQcowState(file, opts);
-  } catch (e) {
-    await file.close().catch(() => undefined);
-    throw e;
-  }
+  const state = await closingOnFailure(file, () => openQcowState(file, opts));
   return new DiskImage<QcowState>({ path: opts.path, format: 'qcow', size: state.size, readonly: true, ops: qcowReadOnlyOps, priv: state });
 }
