@@ -73,10 +73,10 @@ export async function main(argv: readonly string[], io: CliIO): Promise<number> 
   try {
     return await cmd.run(rest, io);
   } catch (e) {
-    io.stderr.write(errorLine(e) + '\n');
+    // A usage error stays one line too: it points at --help instead of dumping the usage text.
+    const usageHint = (e as { code?: unknown }).code === 'E_USAGE' ? ` (see "vblk ${cmd.name} --help")` : '';
+    io.stderr.write(errorLine(e) + usageHint + '\n');
     if (process.env['VBLK_DEBUG'] && e instanceof Error && e.stack) io.stderr.write(e.stack + '\n');
-    const code = (e as { code?: unknown }).code;
-    if (code === 'E_USAGE') io.stderr.write(`usage: vblk ${cmd.usage}\n`);
     return cmd.errorExitCode ?? 1;
   }
 }

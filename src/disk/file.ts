@@ -50,6 +50,12 @@ export class NodeImageFile implements ImageFile {
     const fd = await new Promise<number>((resolve, reject) => {
       fs.open(path, flags, 0o644, (err, fd) => (err ? reject(ioError('open', path, err)) : resolve(fd)));
     });
+    // open(2) accepts a directory read-only; refuse it here rather than at the first read.
+    const isDir = await new Promise<boolean>((resolve) => fs.fstat(fd, (err, st) => resolve(!err && st.isDirectory())));
+    if (isDir) {
+      await new Promise<void>((resolve) => fs.close(fd, () => resolve()));
+      throw new DiskError('E_DISK_IO', `Cannot open ${path}: it is a directory`);
+    }
     return new NodeImageFile(path, fd, opts.writable || opts.create === true);
   }
 

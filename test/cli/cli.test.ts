@@ -41,7 +41,7 @@ describe('vblk CLI', function () {
     it('a bad option is a usage error (exit 1) naming the option', async () => {
       const r = await vblk('info', '--bogus', top);
       expect(r.status).to.equal(1);
-      expect(r.stderr.split('\n')[0]).to.equal('vblk: unknown option --bogus');
+      expect(r.stderr.split('\n')[0]).to.equal('vblk: unknown option --bogus (see "vblk info --help")');
     });
   });
 
@@ -248,7 +248,7 @@ describe('vblk CLI', function () {
       const r = await vblk('io', '-r', '-c', 'frob 0 1', top);
       expect(r.status).to.equal(1);
       // The list of known commands grows with the read-write work; it must name read at least.
-      expect(r.stderr.split('\n')[0]).to.match(/^vblk: unknown io command "frob" \(known: read(, [a-z-]+)*\)$/);
+      expect(r.stderr.split('\n')[0]).to.match(/^vblk: unknown io command "frob" \(known: read(, [a-z-]+)*\) \(see "vblk io --help"\)$/);
     });
   });
 
