@@ -141,6 +141,17 @@ describe('vhost-user back-end state machine', () => {
       expect(fe.mem.readU8(s.statusAddr)).to.equal(VIRTIO_BLK_S.OK);
     });
 
+    it('ring corruption (avail idx jumps past the ring size): one log line and the err fd is signalled', async () => {
+      const { kick } = await fe.start();
+      const err = fe.callFd(); // a temp file: each signal appends 8 bytes
+      await fe.send(VHOST_USER.SET_VRING_ERR, encodeU64(0n), { fds: [err] });
+      fe.queue(0).setAvailIdx(100); // 100 new entries in a 16-entry ring
+      fe.kick(kick[0] as number);
+      expect(fe.dev.needsReset).to.equal(true);
+      expect(fe.logs).to.deep.equal(['vhost-user: device needs reset (ring corruption); signalling the error fds']);
+      expect(FakeFrontEnd.signals(err)).to.equal(1);
+    });
+
     it('shutdown drains, unmaps and closes every descriptor it kept', async () => {
       const { kick, call } = await fe.start();
       await fe.backend.shutdown();

@@ -58,6 +58,9 @@ const EIGHT_BYTE_ONE = (() => {
   return b;
 })();
 
+/** Sessions alive per device, for the single config-change listener each device gets. */
+const liveBackends = new WeakMap<VirtioDevice, Set<VhostUserBackend>>();
+
 /** Per-vring state (vhost-user.rst "Ring states": stopped / started+disabled / started+enabled). */
 class Vring {
   num = 0;
@@ -123,19 +126,32 @@ export class VhostUserBackend {
     this.device = device;
     this.#env = env;
     this.#vrings = Array.from({ length: device.numQueues }, () => new Vring());
-    device.onConfigChange(() => {
-      if (this.#closed || !device.needsReset) return;
-      this.#env.log('vhost-user: device needs reset (ring corruption); signalling the error fds');
-      for (const v of this.#vrings) {
-        if (v.errFd !== undefined) {
-          try {
-            fs.writeSync(v.errFd, EIGHT_BYTE_ONE);
-          } catch {
-            // best effort
-          }
+    // One device outlives many sessions and has no way to remove a listener: register once per
+    // device and fan out to the sessions alive at the time.
+    let live = liveBackends.get(device);
+    if (live === undefined) {
+      const set = new Set<VhostUserBackend>();
+      live = set;
+      liveBackends.set(device, set);
+      device.onConfigChange(() => {
+        for (const b of set) b.#configChanged();
+      });
+    }
+    live.add(this);
+  }
+
+  #configChanged(): void {
+    if (this.#closed || !this.device.needsReset) return;
+    this.#env.log('vhost-user: device needs reset (ring corruption); signalling the error fds');
+    for (const v of this.#vrings) {
+      if (v.errFd !== undefined) {
+        try {
+          fs.writeSync(v.errFd, EIGHT_BYTE_ONE);
+        } catch {
+          // best effort
         }
       }
-    });
+    }
   }
 
   /** Features offered in GET_FEATURES: the device's plus PROTOCOL_FEATURES. */
@@ -446,6 +462,7 @@ export class VhostUserBackend {
   async shutdown(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    liveBackends.get(this.device)?.delete(this);
     try {
       await this.#stopAll();
     } finally {
