@@ -58,7 +58,7 @@ build: deps native guest-kvm
 test: build apt-qemu-system
 	node scripts/run-tests.js
 
-demo: build
+demo: build apt-qemu-system guest
 	bash scripts/demo.sh
 
 bench: build

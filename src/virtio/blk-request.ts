@@ -36,6 +36,31 @@ export interface BlkRequestHost {
 /** Largest bounce buffer one request uses for data that is not 512-byte aligned per segment. */
 const BOUNCE_CHUNK = 256 * 1024;
 
+/** Position inside a list of guest data segments. */
+interface SegmentCursor {
+  seg: number;
+  off: number;
+}
+
+/**
+ * Copies `chunk.length` bytes between `chunk` and the guest segments `segs`, starting at `at`
+ * (advanced past the bytes copied): into the guest when `toGuest`, out of it otherwise.
+ */
+function copySegments(segs: readonly Buffer[], at: SegmentCursor, chunk: Buffer, toGuest: boolean): void {
+  for (let done = 0; done < chunk.length; ) {
+    const b = segs[at.seg] as Buffer;
+    const c = Math.min(b.length - at.off, chunk.length - done);
+    if (toGuest) chunk.copy(b, at.off, done, done + c);
+    else b.copy(chunk, done, at.off, at.off + c);
+    done += c;
+    at.off += c;
+    if (at.off === b.length) {
+      at.seg++;
+      at.off = 0;
+    }
+  }
+}
+
 const enum Phase {
   Idle,
   Io,
@@ -102,6 +127,18 @@ export class BlkRequest {
     this.#dCount = 0;
     this.#dataLen = 0;
     this.lastError = undefined;
+    try {
+      this.#dispatch(chain);
+    } catch (e) {
+      // Only a disk whose method throws synchronously gets here (every guest-controlled check
+      // completes the request itself). Nothing is in flight then, so the request can end now;
+      // a request that already completed must not complete twice.
+      if (!this.#busy) throw e;
+      this.#onFail(e);
+    }
+  }
+
+  #dispatch(chain: DescriptorChain): void {
     // Malformed chain, or no writable byte for the status: give the head back with length 0.
     if (chain.error !== undefined || chain.writableLength === 0) {
       this.#finishNoStatus();
@@ -117,6 +154,7 @@ export class BlkRequest {
     }
     const hdr = this.#header(chain);
     const ho = this.#hdrOff;
+    // Each header field is read once: the guest may change its memory while we work.
     const type = hdr.readUInt32LE(ho);
     const sectorLo = hdr.readUInt32LE(ho + 8);
     const sectorHi = hdr.readUInt32LE(ho + 12);
@@ -130,8 +168,7 @@ export class BlkRequest {
         this.#readWrite(true, sectorLo, sectorHi);
         return;
       case VIRTIO_BLK_T.FLUSH:
-        this.#phase = Phase.Flush;
-        this.#host.disk.flush().then(this.#onFlushed, this.#onFail);
+        this.#flushThenComplete();
         return;
       case VIRTIO_BLK_T.GET_ID:
         this.#collectWritableData(chain);
@@ -265,38 +302,16 @@ export class BlkRequest {
     }
     const total = this.#dataLen;
     const bounce = Buffer.allocUnsafe(Math.min(total, BOUNCE_CHUNK));
-    let seg = 0;
-    let segOff = 0;
+    const at: SegmentCursor = { seg: 0, off: 0 };
     for (let done = 0; done < total; ) {
       const n = Math.min(bounce.length, total - done);
       const chunk = n === bounce.length ? bounce : bounce.subarray(0, n);
       if (write) {
-        // gather guest data into the bounce buffer
-        for (let off = 0; off < n; ) {
-          const b = data[seg] as Buffer;
-          const c = Math.min(b.length - segOff, n - off);
-          b.copy(chunk, off, segOff, segOff + c);
-          off += c;
-          segOff += c;
-          if (segOff === b.length) {
-            seg++;
-            segOff = 0;
-          }
-        }
+        copySegments(data, at, chunk, false);
         if ((await disk.writeSector(sector + done / SECTOR_SIZE, chunk)) !== n) return -1;
       } else {
         if ((await disk.readSector(sector + done / SECTOR_SIZE, chunk)) !== n) return -1;
-        for (let off = 0; off < n; ) {
-          const b = data[seg] as Buffer;
-          const c = Math.min(b.length - segOff, n - off);
-          chunk.copy(b, segOff, off, off + c);
-          off += c;
-          segOff += c;
-          if (segOff === b.length) {
-            seg++;
-            segOff = 0;
-          }
-        }
+        copySegments(data, at, chunk, true);
       }
       done += n;
     }
@@ -314,7 +329,15 @@ export class BlkRequest {
 
   #flushThenComplete(): void {
     this.#phase = Phase.Flush;
-    this.#host.disk.flush().then(this.#onFlushed, this.#onFail);
+    let flushed: Promise<void>;
+    try {
+      flushed = this.#host.disk.flush();
+    } catch (e) {
+      // Reached from the data phase's completion callback, where a throw would become an
+      // unhandled rejection: end the request here instead.
+      return this.#onFail(e);
+    }
+    flushed.then(this.#onFlushed, this.#onFail);
   }
 
   #getId(): void {

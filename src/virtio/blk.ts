@@ -30,6 +30,12 @@ export interface VirtioBlkOptions {
 const SIZE_MAX = 1 << 20;
 /** Largest discard / write-zeroes range per segment, in sectors (2 GiB). */
 const MAX_DWZ_SECTORS = 1 << 22;
+/**
+ * Descriptors one drain may walk before it yields to the event loop. The chain count alone does
+ * not bound the work: with a large queue a hostile guest can make every chain as long as the
+ * chain cap, which would be size x size descriptor reads in one turn.
+ */
+const DRAIN_DESCRIPTOR_BUDGET = 65536;
 
 function bit(b: bigint): bigint {
   return 1n << b;
@@ -125,9 +131,13 @@ export class VirtioBlkDevice implements VirtioDevice {
     this.#writeZeroesEnabled = this.hasFeature(VIRTIO_BLK_F.WRITE_ZEROES);
   }
 
+  /**
+   * The GET_ID answer: spec 5.2.6 calls it an ASCII string, so anything outside printable ASCII
+   * (a UTF-8 file name, say, which truncation could also cut mid-character) becomes '_'.
+   */
   static #serialBytes(s: string): Buffer {
     const out = Buffer.alloc(VIRTIO_BLK_ID_BYTES);
-    Buffer.from(s, 'utf8').copy(out, 0, 0, VIRTIO_BLK_ID_BYTES);
+    out.write(s.slice(0, VIRTIO_BLK_ID_BYTES).replace(/[^\x20-\x7e]/g, '_'), 'latin1');
     return out;
   }
 
@@ -400,18 +410,23 @@ class BlkQueueWorker implements BlkRequestHost {
     this.#draining = true;
     const q = this.queue;
     let budget = q.size;
+    let descriptors = DRAIN_DESCRIPTOR_BUDGET;
     try {
       q.disableNotification();
       for (;;) {
         let chain = q.pop();
         while (chain !== null) {
+          descriptors -= chain.descriptors; // read before start(): completion may reuse the chain
           let req = this.#reqs[chain.head];
           if (req === undefined) {
             req = new BlkRequest(this);
             this.#reqs[chain.head] = req;
           }
           req.start(chain);
-          if (--budget === 0) break;
+          if (--budget === 0 || descriptors <= 0) {
+            budget = 0;
+            break;
+          }
           chain = q.pop();
         }
         if (budget === 0) {
@@ -439,7 +454,16 @@ class BlkQueueWorker implements BlkRequestHost {
 
   /** BlkRequestHost.finish: record the used entry; publish once per event-loop turn. */
   finish(head: number, usedLen: number): void {
-    this.queue.addUsed(head, usedLen);
+    try {
+      this.queue.addUsed(head, usedLen);
+    } catch (e) {
+      // Completing a head that is not in flight is a device bug; reached from a disk promise's
+      // callback, a throw would be an unhandled rejection that ends the VMM. Stop the device
+      // instead, visibly.
+      const why = e instanceof Error ? e.message : String(e);
+      this.device.markNeedsReset(new VirtioError('E_VIRTIO_STATE', `Cannot complete virtio-blk request on queue ${this.index}: ${why}`, { head }, { cause: e }));
+      return;
+    }
     if (this.#draining) return; // published at the end of drain()
     if (this.queue.inFlight === 0 && !this.#publishScheduled) {
       // Nothing else can join this batch: publish now rather than one loop turn later (QD1 latency).
@@ -469,6 +493,10 @@ class BlkQueueWorker implements BlkRequestHost {
   /** Stops popping, waits for in-flight requests, publishes; resolves to the next avail index. */
   async stop(): Promise<number> {
     this.#stopping = true;
+    // A drain cut short by its budget left kicks suppressed (NO_NOTIFY, or avail_event behind
+    // the ring). Whoever runs this ring next (a restarted queue, another vhost-user backend)
+    // must get the driver's kicks again, so leave the ring asking for them.
+    this.queue.enableNotification();
     if (this.queue.inFlight > 0 || this.queue.pendingUsed > 0) {
       await new Promise<void>((resolve) => {
         this.#idleWaiters.push(resolve);
