@@ -2,7 +2,7 @@ import type { GuestMemory } from '../memory/guest-memory';
 import type { QueueStart, VirtioDevice } from './device';
 import { VIRTIO_F } from './device';
 import { VIRTQ_DESC_F } from './chain';
-import { splitRingSizes, VIRTQ_AVAIL_F_NO_INTERRUPT } from './queue';
+import { needsEvent, splitRingSizes, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY } from './queue';
 import { BLK_HEADER_SIZE, VIRTIO_BLK_T } from './blk-config';
 
 /**
@@ -77,6 +77,8 @@ export class MockVirtqueue {
   /** Interrupts (signalUsed calls) received. */
   interrupts = 0;
   #availIdx = 0;
+  /** Avail idx at the last `kickPrepare` (what the device has been told about). */
+  #kickedIdx = 0;
   #lastUsed = 0;
   readonly #free: number[] = [];
   /** Descriptors owned by each in-flight head (freed when reaped). */
@@ -212,6 +214,21 @@ export class MockVirtqueue {
   setAvailIdx(idx: number): void {
     this.#availIdx = idx & 0xffff;
     this.#avail.writeUInt16LE(this.#availIdx, 2);
+  }
+
+  /**
+   * Whether the device asked to be kicked for the entries published since the last call, as
+   * Linux's `virtqueue_kick_prepare` decides it: with EVENT_IDX, iff avail idx passed the
+   * device's avail_event; else iff the device did not set VIRTQ_USED_F_NO_NOTIFY. A driver
+   * that kicks only then finds out whether the device publishes its kick suppression correctly
+   * (a device that forgets to re-enable kicks leaves such a driver waiting forever).
+   */
+  kickPrepare(eventIdx: boolean): boolean {
+    const old = this.#kickedIdx;
+    const now = this.#availIdx;
+    this.#kickedIdx = now;
+    if (old === now) return false;
+    return eventIdx ? needsEvent(this.availEvent, now, old) : (this.usedFlags & VIRTQ_USED_F_NO_NOTIFY) === 0;
   }
 
   /** Sets the avail ring flags (VIRTQ_AVAIL_F_NO_INTERRUPT). */
@@ -445,6 +462,15 @@ export class MockBlkDriver {
   /** Kicks queue `queue` (device.queueNotify). */
   kick(queue: number): void {
     this.device.queueNotify(queue);
+  }
+
+  /** Kicks queue `queue` only if the device asked for it (see `MockVirtqueue.kickPrepare`); says whether it did. */
+  kickIfNeeded(queue: number): boolean {
+    const q = this.queues[queue];
+    if (q === undefined) throw new RangeError(`mock driver: no queue ${queue}`);
+    if (!q.kickPrepare(this.eventIdx)) return false;
+    this.device.queueNotify(queue);
+    return true;
   }
 
   /** Reads the outcome of a submitted request. */

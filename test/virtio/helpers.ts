@@ -5,7 +5,11 @@ import type { DiskImage } from '../../src/disk/disk-image';
 import { VirtioBlkDevice } from '../../src/virtio/blk';
 import type { VirtioBlkOptions } from '../../src/virtio/blk';
 import { MockBlkDriver } from '../../src/virtio/mock-driver';
-import type { MockBlkDriverOptions } from '../../src/virtio/mock-driver';
+import type { MockBlkDriverOptions, MockVirtqueue } from '../../src/virtio/mock-driver';
+import { BLK_HEADER_SIZE } from '../../src/virtio/blk-config';
+import { isVblkError } from '../../src/errors';
+import type { VblkErrorCode } from '../../src/errors';
+import { expect } from 'chai';
 
 /** Guest RAM base used by the tests (not 0, so address 0 is outside guest memory). */
 export const RAM_BASE = 0x10_0000;
@@ -53,4 +57,53 @@ export function rng(seed: number): () => number {
     s >>>= 0;
     return s / 0x1_0000_0000;
   };
+}
+
+/** Lets `n` event-loop turns pass (setImmediate), so that delayed disk operations can finish. */
+export async function turns(n: number): Promise<void> {
+  for (let i = 0; i < n; i++) await new Promise<void>((r) => setImmediate(r));
+}
+
+/** Runs `fn` and checks that it throws a VblkError with `code`. */
+export function expectVblkError(fn: () => unknown, code: VblkErrorCode): void {
+  let caught: unknown;
+  try {
+    fn();
+  } catch (e) {
+    caught = e;
+  }
+  expect(isVblkError(caught, code), `expected ${code}, got ${String(caught)}`).to.equal(true);
+}
+
+/** One raw descriptor of a hand-made chain. */
+export interface RawLink {
+  readonly addr: bigint | number;
+  readonly len: number;
+  readonly flags: number;
+  /** Index into this list of the next descriptor (translated to a table index). */
+  readonly next?: number;
+  /** A raw `next` value written as is (overrides `next`). */
+  readonly rawNext?: number;
+}
+
+/**
+ * Writes `links` into free descriptors of `q` and returns the head (owned by it, so `reap` frees
+ * them). Flags are written exactly as given: a link without NEXT ends the chain.
+ */
+export function rawChain(q: MockVirtqueue, links: readonly RawLink[]): number {
+  const idx = q.allocDescriptors(links.length);
+  links.forEach((d, i) => {
+    const next = d.rawNext ?? (d.next !== undefined ? (idx[d.next] as number) : 0);
+    q.writeDescriptor(idx[i] as number, { addr: d.addr, len: d.len, flags: d.flags, next });
+  });
+  q.own(idx[0] as number, idx);
+  return idx[0] as number;
+}
+
+/** A virtio-blk request header `{ le32 type; le32 reserved; le64 sector }`. */
+export function blkHeader(type: number, sector: bigint | number): Buffer {
+  const h = Buffer.alloc(BLK_HEADER_SIZE);
+  h.writeUInt32LE(type >>> 0, 0);
+  h.writeBigUInt64LE(BigInt.asUintN(64, BigInt(sector)), 8);
+  return h;
 }

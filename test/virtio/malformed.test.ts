@@ -1,7 +1,7 @@
 import { expect } from 'chai';
-import { setup, pattern, RAM_BASE } from './helpers';
+import { setup, pattern, RAM_BASE, turns, rawChain, blkHeader as header } from './helpers';
 import type { Setup } from './helpers';
-import { VIRTIO_BLK_T, VIRTIO_BLK_S, BLK_HEADER_SIZE } from '../../src/virtio/blk-config';
+import { VIRTIO_BLK_T, VIRTIO_BLK_S } from '../../src/virtio/blk-config';
 import { VIRTQ_DESC_F } from '../../src/virtio/chain';
 import { MockBlkDriver, encodeDwzSegment, snapshotMemory, changedOutside } from '../../src/virtio/mock-driver';
 import type { MockVirtqueue } from '../../src/virtio/mock-driver';
@@ -16,15 +16,6 @@ import { splitRingSizes } from '../../src/virtio/queue';
 
 const { NEXT, WRITE, INDIRECT } = VIRTQ_DESC_F;
 
-interface Raw {
-  addr: bigint | number;
-  len: number;
-  flags: number;
-  /** index into this list of the next descriptor (translated to a table index), or a raw value */
-  next?: number;
-  rawNext?: number;
-}
-
 interface Expect {
   /** Used length of the bad request (0 = head returned without status). */
   usedLen?: number;
@@ -33,24 +24,6 @@ interface Expect {
   needsReset?: boolean;
   /** Extra checks run right after the bad request (before the follow-up valid request). */
   verify?: () => void;
-}
-
-/** Writes `descs` into free descriptors of queue 0 and returns the head. */
-function rawChain(q: MockVirtqueue, descs: readonly Raw[]): number {
-  const idx = q.allocDescriptors(descs.length);
-  descs.forEach((d, i) => {
-    const next = d.rawNext ?? (d.next !== undefined ? (idx[d.next] as number) : 0);
-    q.writeDescriptor(idx[i] as number, { addr: d.addr, len: d.len, flags: d.flags, next });
-  });
-  q.own(idx[0] as number, idx);
-  return idx[0] as number;
-}
-
-function header(type: number, sector: bigint | number): Buffer {
-  const h = Buffer.alloc(BLK_HEADER_SIZE);
-  h.writeUInt32LE(type, 0);
-  h.writeBigUInt64LE(BigInt.asUintN(64, BigInt(sector)), 8);
-  return h;
 }
 
 /** Puts `bytes` into fresh guest memory and returns its address. */
@@ -62,8 +35,10 @@ function put(s: Setup, bytes: Uint8Array | number, fill = 0): number {
   return a;
 }
 
-async function settle(turns = 20): Promise<void> {
-  for (let i = 0; i < turns; i++) await new Promise<void>((r) => setImmediate(r));
+/** Submits a well-formed chain carrying `req` and returns where the device may write. */
+function submitted(s: Setup, req: Parameters<Setup['drv']['submit']>[1]): { writable: { addr: number; len: number }[]; statusAddr: number } {
+  const r = s.drv.submit(0, req);
+  return { writable: [...r.writableRanges], statusAddr: r.statusAddr };
 }
 
 /**
@@ -82,7 +57,7 @@ async function check(
   const b = build();
   const snapAfterBuild = snapshotMemory(s.mem);
   s.drv.kick(0);
-  await settle();
+  await turns(20);
   const used = q.reap();
   const usedRing = { addr: q.usedRing, len: splitRingSizes(q.size).used };
   const changed = changedOutside(s.mem, snapAfterBuild, [usedRing, ...(b.writable ?? [])]);
@@ -196,6 +171,23 @@ describe('virtio-blk malformed input matrix', () => {
         { addr: t, len: 16, flags: INDIRECT | NEXT, next: 1 },
         { addr: put(s, 1), len: 1, flags: WRITE },
       ]));
+      return {};
+    }, { usedLen: 0 });
+  });
+
+  it('next >= indirect table size inside an indirect table: used length 0', async () => {
+    await check(s, () => {
+      const t = s.drv.alloc.alloc(32);
+      q.writeDescriptor(0, { addr: put(s, header(VIRTIO_BLK_T.FLUSH, 0)), len: 16, flags: NEXT, next: 2 }, t);
+      q.writeDescriptor(1, { addr: put(s, 1), len: 1, flags: WRITE, next: 0 }, t);
+      q.publish(rawChain(q, [{ addr: t, len: 32, flags: INDIRECT }]));
+      return {};
+    }, { usedLen: 0, verify: () => expect(s.disk.priv.counts.flush).to.equal(0) });
+  });
+
+  it('indirect table outside guest memory: used length 0', async () => {
+    await check(s, () => {
+      q.publish(rawChain(q, [{ addr: 0x1000, len: 32, flags: INDIRECT }]));
       return {};
     }, { usedLen: 0 });
   });
@@ -314,71 +306,52 @@ describe('virtio-blk malformed input matrix', () => {
   });
 
   it('data length not a multiple of 512: IOERR, disk untouched', async () => {
-    await check(s, () => {
-      const r = s.drv.submit(0, { type: VIRTIO_BLK_T.OUT, sector: 0, data: pattern(513, 1) });
-      return { writable: [...r.writableRanges], statusAddr: r.statusAddr };
-    }, { usedLen: 1, status: VIRTIO_BLK_S.IOERR, verify: () => { expect(s.disk.priv.counts.write).to.equal(0); } });
+    await check(s, () => submitted(s, { type: VIRTIO_BLK_T.OUT, sector: 0, data: pattern(513, 1) }), { usedLen: 1, status: VIRTIO_BLK_S.IOERR, verify: () => { expect(s.disk.priv.counts.write).to.equal(0); } });
   });
 
   it('IN data length not a multiple of 512: IOERR', async () => {
-    await check(s, () => {
-      const r = s.drv.submit(0, { type: VIRTIO_BLK_T.IN, sector: 0, readLen: 100 });
-      return { writable: [...r.writableRanges], statusAddr: r.statusAddr };
-    }, { usedLen: 101, status: VIRTIO_BLK_S.IOERR });
+    await check(s, () => submitted(s, { type: VIRTIO_BLK_T.IN, sector: 0, readLen: 100 }), { usedLen: 101, status: VIRTIO_BLK_S.IOERR });
   });
 
   it('sector + length beyond capacity: IOERR', async () => {
-    await check(s, () => {
-      const r = s.drv.submit(0, { type: VIRTIO_BLK_T.IN, sector: s.dev.capacity - 1, readLen: 1024 });
-      return { writable: [...r.writableRanges], statusAddr: r.statusAddr };
-    }, { usedLen: 1025, status: VIRTIO_BLK_S.IOERR, verify: () => { expect(s.disk.priv.counts.read).to.equal(0); } });
+    await check(s, () => submitted(s, { type: VIRTIO_BLK_T.IN, sector: s.dev.capacity - 1, readLen: 1024 }), { usedLen: 1025, status: VIRTIO_BLK_S.IOERR, verify: () => { expect(s.disk.priv.counts.read).to.equal(0); } });
   });
 
   it('sector overflowing u64 arithmetic (2^64 - 1): IOERR', async () => {
-    await check(s, () => {
-      const r = s.drv.submit(0, { type: VIRTIO_BLK_T.OUT, sector: 0xffff_ffff_ffff_ffffn, data: pattern(512, 1) });
-      return { writable: [...r.writableRanges], statusAddr: r.statusAddr };
-    }, { usedLen: 1, status: VIRTIO_BLK_S.IOERR, verify: () => { expect(s.disk.priv.counts.write).to.equal(0); } });
+    await check(s, () => submitted(s, { type: VIRTIO_BLK_T.OUT, sector: 0xffff_ffff_ffff_ffffn, data: pattern(512, 1) }), { usedLen: 1, status: VIRTIO_BLK_S.IOERR, verify: () => { expect(s.disk.priv.counts.write).to.equal(0); } });
   });
 
   it('sector just above 2^53 (not representable as a number): IOERR', async () => {
-    await check(s, () => {
-      const r = s.drv.submit(0, { type: VIRTIO_BLK_T.IN, sector: (1n << 53n) + 1n, readLen: 512 });
-      return { writable: [...r.writableRanges], statusAddr: r.statusAddr };
-    }, { usedLen: 513, status: VIRTIO_BLK_S.IOERR });
+    await check(s, () => submitted(s, { type: VIRTIO_BLK_T.IN, sector: (1n << 53n) + 1n, readLen: 512 }), { usedLen: 513, status: VIRTIO_BLK_S.IOERR });
   });
 
   it('unknown request type: UNSUPP', async () => {
-    await check(s, () => {
-      const r = s.drv.submit(0, { type: 99, sector: 0 });
-      return { writable: [...r.writableRanges], statusAddr: r.statusAddr };
-    }, { usedLen: 1, status: VIRTIO_BLK_S.UNSUPP });
+    await check(s, () => submitted(s, { type: 99, sector: 0 }), { usedLen: 1, status: VIRTIO_BLK_S.UNSUPP });
   });
 
-  it('GET_LIFETIME and legacy SCSI types are unsupported: UNSUPP', async () => {
-    await check(s, () => {
-      const r = s.drv.submit(0, { type: VIRTIO_BLK_T.GET_LIFETIME, sector: 0 });
-      return { writable: [...r.writableRanges], statusAddr: r.statusAddr };
-    }, { usedLen: 1, status: VIRTIO_BLK_S.UNSUPP });
-    await check(s, () => {
-      const r = s.drv.submit(0, { type: 2, sector: 0 });
-      return { writable: [...r.writableRanges], statusAddr: r.statusAddr };
-    }, { usedLen: 1, status: VIRTIO_BLK_S.UNSUPP });
+  it('GET_LIFETIME (not offered): UNSUPP', async () => {
+    await check(s, () => submitted(s, { type: VIRTIO_BLK_T.GET_LIFETIME, sector: 0 }), { usedLen: 1, status: VIRTIO_BLK_S.UNSUPP });
+  });
+
+  it('legacy SCSI command (type 2): UNSUPP', async () => {
+    await check(s, () => submitted(s, { type: 2, sector: 0 }), { usedLen: 1, status: VIRTIO_BLK_S.UNSUPP });
+  });
+
+  it('legacy BARRIER flag on an IN request: UNSUPP, disk untouched', async () => {
+    await check(s, () => submitted(s, { type: 0x8000_0000 | VIRTIO_BLK_T.IN, sector: 0, readLen: 512 }), {
+      usedLen: 1,
+      status: VIRTIO_BLK_S.UNSUPP,
+      verify: () => expect(s.disk.priv.counts.read).to.equal(0),
+    });
   });
 
   it('write-zeroes with unknown flags: UNSUPP, disk untouched', async () => {
     s.disk.priv.data.fill(0x55);
-    await check(s, () => {
-      const r = s.drv.submit(0, { type: VIRTIO_BLK_T.WRITE_ZEROES, sector: 0, data: encodeDwzSegment(4, 2, 0x2) });
-      return { writable: [...r.writableRanges], statusAddr: r.statusAddr };
-    }, { usedLen: 1, status: VIRTIO_BLK_S.UNSUPP, verify: () => { expect(s.disk.priv.counts.writeZeroes).to.equal(0); } });
+    await check(s, () => submitted(s, { type: VIRTIO_BLK_T.WRITE_ZEROES, sector: 0, data: encodeDwzSegment(4, 2, 0x2) }), { usedLen: 1, status: VIRTIO_BLK_S.UNSUPP, verify: () => { expect(s.disk.priv.counts.writeZeroes).to.equal(0); } });
   });
 
   it('discard with the unmap flag: UNSUPP (spec 5.2.6.2)', async () => {
-    await check(s, () => {
-      const r = s.drv.submit(0, { type: VIRTIO_BLK_T.DISCARD, sector: 0, data: encodeDwzSegment(4, 2, 1) });
-      return { writable: [...r.writableRanges], statusAddr: r.statusAddr };
-    }, { usedLen: 1, status: VIRTIO_BLK_S.UNSUPP, verify: () => { expect(s.disk.priv.counts.discard).to.equal(0); } });
+    await check(s, () => submitted(s, { type: VIRTIO_BLK_T.DISCARD, sector: 0, data: encodeDwzSegment(4, 2, 1) }), { usedLen: 1, status: VIRTIO_BLK_S.UNSUPP, verify: () => { expect(s.disk.priv.counts.discard).to.equal(0); } });
   });
 
   it('discard with more segments than max_discard_seg: UNSUPP', async () => {
@@ -389,18 +362,45 @@ describe('virtio-blk malformed input matrix', () => {
     }, { usedLen: 1, status: VIRTIO_BLK_S.UNSUPP, verify: () => { expect(s.disk.priv.counts.discard).to.equal(0); } });
   });
 
+  it('discard with an unknown flag: UNSUPP, disk untouched', async () => {
+    await check(s, () => submitted(s, { type: VIRTIO_BLK_T.DISCARD, sector: 0, data: encodeDwzSegment(4, 2, 0x4) }), {
+      usedLen: 1,
+      status: VIRTIO_BLK_S.UNSUPP,
+      verify: () => expect(s.disk.priv.counts.discard).to.equal(0),
+    });
+  });
+
+  it('write-zeroes with more segments than max_write_zeroes_seg: UNSUPP, disk untouched', async () => {
+    const segs = Buffer.concat(Array.from({ length: 33 }, (_, i) => encodeDwzSegment(i, 1, 0)));
+    await check(s, () => submitted(s, { type: VIRTIO_BLK_T.WRITE_ZEROES, sector: 0, data: segs }), {
+      usedLen: 1,
+      status: VIRTIO_BLK_S.UNSUPP,
+      verify: () => expect(s.disk.priv.counts.writeZeroes).to.equal(0),
+    });
+  });
+
+  it('discard segment larger than max_discard_sectors: IOERR, disk untouched', async () => {
+    await check(s, () => submitted(s, { type: VIRTIO_BLK_T.DISCARD, sector: 0, data: encodeDwzSegment(0, (1 << 22) + 1, 0) }), {
+      usedLen: 1,
+      status: VIRTIO_BLK_S.IOERR,
+      verify: () => expect(s.disk.priv.counts.discard).to.equal(0),
+    });
+  });
+
+  it('discard segment whose sector overflows u64 arithmetic: IOERR, disk untouched', async () => {
+    await check(s, () => submitted(s, { type: VIRTIO_BLK_T.DISCARD, sector: 0, data: encodeDwzSegment(0xffff_ffff_ffff_fffen, 4, 0) }), {
+      usedLen: 1,
+      status: VIRTIO_BLK_S.IOERR,
+      verify: () => expect(s.disk.priv.counts.discard).to.equal(0),
+    });
+  });
+
   it('discard payload not a whole number of 16-byte segments: IOERR', async () => {
-    await check(s, () => {
-      const r = s.drv.submit(0, { type: VIRTIO_BLK_T.DISCARD, sector: 0, data: Buffer.alloc(20) });
-      return { writable: [...r.writableRanges], statusAddr: r.statusAddr };
-    }, { usedLen: 1, status: VIRTIO_BLK_S.IOERR });
+    await check(s, () => submitted(s, { type: VIRTIO_BLK_T.DISCARD, sector: 0, data: Buffer.alloc(20) }), { usedLen: 1, status: VIRTIO_BLK_S.IOERR });
   });
 
   it('write-zeroes with no segment: IOERR', async () => {
-    await check(s, () => {
-      const r = s.drv.submit(0, { type: VIRTIO_BLK_T.WRITE_ZEROES, sector: 0 });
-      return { writable: [...r.writableRanges], statusAddr: r.statusAddr };
-    }, { usedLen: 1, status: VIRTIO_BLK_S.IOERR });
+    await check(s, () => submitted(s, { type: VIRTIO_BLK_T.WRITE_ZEROES, sector: 0 }), { usedLen: 1, status: VIRTIO_BLK_S.IOERR });
   });
 
   it('write-zeroes segment beyond capacity: IOERR, nothing zeroed (all segments checked first)', async () => {
@@ -415,10 +415,7 @@ describe('virtio-blk malformed input matrix', () => {
   it('discard when DISCARD was not negotiated: UNSUPP', async () => {
     s = setup({ drv: { features: setup({ start: false }).dev.deviceFeatures & ~(1n << 13n) } });
     q = s.drv.queues[0] as MockVirtqueue;
-    await check(s, () => {
-      const r = s.drv.submit(0, { type: VIRTIO_BLK_T.DISCARD, sector: 0, data: encodeDwzSegment(0, 1, 0) });
-      return { writable: [...r.writableRanges], statusAddr: r.statusAddr };
-    }, { usedLen: 1, status: VIRTIO_BLK_S.UNSUPP });
+    await check(s, () => submitted(s, { type: VIRTIO_BLK_T.DISCARD, sector: 0, data: encodeDwzSegment(0, 1, 0) }), { usedLen: 1, status: VIRTIO_BLK_S.UNSUPP });
   });
 
   for (const [name, type, data] of [
@@ -430,10 +427,7 @@ describe('virtio-blk malformed input matrix', () => {
       s = setup({ dev: { readonly: true } });
       q = s.drv.queues[0] as MockVirtqueue;
       s.disk.priv.data.fill(0x55);
-      await check(s, () => {
-        const r = s.drv.submit(0, { type, sector: 0, data });
-        return { writable: [...r.writableRanges], statusAddr: r.statusAddr };
-      }, {
+      await check(s, () => submitted(s, { type, sector: 0, data }), {
         usedLen: 1,
         status: VIRTIO_BLK_S.IOERR,
         verify: () => {
@@ -476,7 +470,7 @@ describe('virtio-blk malformed input matrix', () => {
     expect(configChanges).to.equal(1);
     const done = await s.drv.complete([r]);
     expect(done[0]?.status).to.equal(VIRTIO_BLK_S.OK);
-    await settle(60);
+    await turns(60);
     expect(q.reap()).to.deep.equal([]); // completed exactly once
     await s.dev.reset();
     expect(s.dev.needsReset).to.equal(false);
