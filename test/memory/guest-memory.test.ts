@@ -1,15 +1,9 @@
 import { expect } from 'chai';
 import { GuestMemory, guestAddress, addressFromHalves } from '../../src/memory/guest-memory';
-import { isVblkError } from '../../src/errors';
+import { expectVblkError } from '../virtio/helpers';
 
 function expectMemoryError(fn: () => unknown): void {
-  let caught: unknown;
-  try {
-    fn();
-  } catch (e) {
-    caught = e;
-  }
-  expect(isVblkError(caught, 'E_VIRTIO_MEMORY'), `expected E_VIRTIO_MEMORY, got ${String(caught)}`).to.equal(true);
+  expectVblkError(fn, 'E_VIRTIO_MEMORY');
 }
 
 describe('GuestMemory', () => {

@@ -31,40 +31,64 @@ describe('VirtioBlkDevice basic requests through the mock driver', () => {
     expect(disk.priv.counts.flush).to.equal(1);
   });
 
-  it('GET_ID returns the serial, NUL-padded to 20 bytes; default derived from the image name', async () => {
+  it('GET_ID returns the serial NUL-padded to 20 bytes, by default the image file name', async () => {
     const { drv } = setup();
     const r = await drv.run(0, { type: VIRTIO_BLK_T.GET_ID, sector: 0, readLen: 20 });
     expect(r.status).to.equal(VIRTIO_BLK_S.OK);
     expect(r.data.toString('latin1')).to.equal('test-disk.img\0\0\0\0\0\0\0');
-    const s2 = setup({ dev: { serial: 'a-very-long-serial-number-xyz' } });
-    const r2 = await s2.drv.run(0, { type: VIRTIO_BLK_T.GET_ID, sector: 0, readLen: 20 });
-    expect(r2.data.toString('latin1')).to.equal('a-very-long-serial-n');
   });
 
-  it('accepts any split of header, data and status across descriptors', async () => {
+  it('GET_ID truncates a serial longer than 20 bytes', async () => {
+    const { drv } = setup({ dev: { serial: 'a-very-long-serial-number-xyz' } });
+    const r = await drv.run(0, { type: VIRTIO_BLK_T.GET_ID, sector: 0, readLen: 20 });
+    expect(r.data.toString('latin1')).to.equal('a-very-long-serial-n');
+  });
+
+  it('GET_ID answers printable ASCII only (spec 5.2.6), whatever the serial holds', async () => {
+    const { drv } = setup({ dev: { serial: 'disk-é\n1' } });
+    const r = await drv.run(0, { type: VIRTIO_BLK_T.GET_ID, sector: 0, readLen: 20 });
+    expect(r.data.toString('latin1')).to.equal('disk-__1\0\0\0\0\0\0\0\0\0\0\0\0');
+  });
+
+  it('accepts an OUT whose header and data are cut at odd offsets across descriptors', async () => {
     const { drv, disk } = setup();
     const data = pattern(2048, 3);
     // header split 5/11, data glued to the header tail and cut at odd offsets
     const w = await drv.run(0, { type: VIRTIO_BLK_T.OUT, sector: 10, data }, { readableCuts: [5, 100, 1500] });
     expect(w.status).to.equal(VIRTIO_BLK_S.OK);
     expect(disk.priv.data.subarray(10 * 512, 14 * 512).equals(data)).to.equal(true);
-    // data and status in one descriptor, data cut at odd offsets
-    const r = await drv.run(0, { type: VIRTIO_BLK_T.IN, sector: 10, readLen: 2048 }, { writableCuts: [7, 1000] });
-    expect(r.status).to.equal(VIRTIO_BLK_S.OK);
-    expect(r.data.equals(data)).to.equal(true);
-    // everything readable in one descriptor, everything writable in one
-    const r2 = await drv.run(0, { type: VIRTIO_BLK_T.IN, sector: 10, readLen: 2048 }, { writableCuts: [] });
-    expect(r2.data.equals(data)).to.equal(true);
   });
 
-  it('walks indirect descriptor tables', async () => {
+  it('accepts an IN whose data is cut at odd offsets and shares a descriptor with the status', async () => {
+    const { drv, disk } = setup();
+    disk.priv.data.set(pattern(2048, 3), 10 * 512);
+    const r = await drv.run(0, { type: VIRTIO_BLK_T.IN, sector: 10, readLen: 2048 }, { writableCuts: [7, 1000] });
+    expect(r.status).to.equal(VIRTIO_BLK_S.OK);
+    expect(r.data.equals(pattern(2048, 3))).to.equal(true);
+  });
+
+  it('accepts an IN whose data and status are one descriptor', async () => {
+    const { drv, disk } = setup();
+    disk.priv.data.set(pattern(2048, 3), 10 * 512);
+    const r = await drv.run(0, { type: VIRTIO_BLK_T.IN, sector: 10, readLen: 2048 }, { writableCuts: [] });
+    expect(r.status).to.equal(VIRTIO_BLK_S.OK);
+    expect(r.data.equals(pattern(2048, 3))).to.equal(true);
+  });
+
+  it('writes through an indirect descriptor table', async () => {
     const { drv, disk } = setup();
     const data = pattern(4096, 4);
     const w = await drv.run(0, { type: VIRTIO_BLK_T.OUT, sector: 0, data }, { indirect: true, readableCuts: [16, 512, 4000] });
     expect(w.status).to.equal(VIRTIO_BLK_S.OK);
     expect(disk.priv.data.subarray(0, 4096).equals(data)).to.equal(true);
+  });
+
+  it('reads through an indirect descriptor table', async () => {
+    const { drv, disk } = setup();
+    disk.priv.data.set(pattern(4096, 4), 0);
     const r = await drv.run(0, { type: VIRTIO_BLK_T.IN, sector: 0, readLen: 4096 }, { indirect: true, writableCuts: [512, 1024, 4096] });
-    expect(r.data.equals(data)).to.equal(true);
+    expect(r.status).to.equal(VIRTIO_BLK_S.OK);
+    expect(r.data.equals(pattern(4096, 4))).to.equal(true);
   });
 
   it('serves several queues independently', async () => {
@@ -86,14 +110,27 @@ describe('VirtioBlkDevice basic requests through the mock driver', () => {
     });
   });
 
-  it('offers the documented features and refuses what it did not offer', () => {
+  it('offers the documented features', () => {
     const { dev } = setup({ start: false, dev: { numQueues: 2, readonly: true } });
     const f = dev.deviceFeatures;
     for (const b of [VIRTIO_F.VERSION_1, VIRTIO_F.INDIRECT_DESC, VIRTIO_F.EVENT_IDX, VIRTIO_BLK_F.SEG_MAX, VIRTIO_BLK_F.SIZE_MAX, VIRTIO_BLK_F.BLK_SIZE, VIRTIO_BLK_F.FLUSH, VIRTIO_BLK_F.CONFIG_WCE, VIRTIO_BLK_F.TOPOLOGY, VIRTIO_BLK_F.RO, VIRTIO_BLK_F.MQ, VIRTIO_BLK_F.DISCARD, VIRTIO_BLK_F.WRITE_ZEROES]) {
       expect((f & bit(b)) !== 0n, `bit ${b}`).to.equal(true);
     }
-    expect(dev.setDriverFeatures(f | bit(VIRTIO_F.RING_PACKED))).to.equal(false);
-    expect(dev.setDriverFeatures(bit(VIRTIO_BLK_F.FLUSH))).to.equal(false); // no VERSION_1
+  });
+
+  it('refuses a feature it did not offer', () => {
+    const { dev } = setup({ start: false });
+    expect(dev.setDriverFeatures(dev.deviceFeatures | bit(VIRTIO_F.RING_PACKED))).to.equal(false);
+    expect(dev.driverFeatures).to.equal(0n);
+  });
+
+  it('refuses features without VERSION_1 (only the modern interface exists)', () => {
+    const { dev } = setup({ start: false });
+    expect(dev.setDriverFeatures(bit(VIRTIO_BLK_F.FLUSH))).to.equal(false);
+  });
+
+  it('accepts any offered subset that includes VERSION_1', () => {
+    const { dev } = setup({ start: false });
     expect(dev.setDriverFeatures(bit(VIRTIO_F.VERSION_1) | bit(VIRTIO_BLK_F.FLUSH))).to.equal(true);
     expect(dev.driverFeatures).to.equal(bit(VIRTIO_F.VERSION_1) | bit(VIRTIO_BLK_F.FLUSH));
   });
@@ -141,22 +178,44 @@ describe('VirtioBlkDevice basic requests through the mock driver', () => {
     const r = await drv.run(0, { type: VIRTIO_BLK_T.OUT, sector: 0, data: pattern(512, 6) });
     expect(r.status).to.equal(VIRTIO_BLK_S.OK);
     expect(disk.priv.counts.flush).to.equal(1);
-    dev.writeConfig(BLK_CONFIG.writeback, Uint8Array.of(1));
-    await drv.run(0, { type: VIRTIO_BLK_T.OUT, sector: 0, data: pattern(512, 6) });
-    expect(disk.priv.counts.flush).to.equal(1);
   });
 
-  it('is writethrough when the driver did not negotiate FLUSH', async () => {
+  it('writeback (writeback=1 via CONFIG_WCE) completes writes without a flush', async () => {
+    const { drv, dev, disk } = setup({ dev: { writeback: false } });
+    dev.writeConfig(BLK_CONFIG.writeback, Uint8Array.of(1));
+    await drv.run(0, { type: VIRTIO_BLK_T.OUT, sector: 0, data: pattern(512, 6) });
+    expect(disk.priv.counts.flush).to.equal(0);
+  });
+
+  it('ignores writes to writeback when CONFIG_WCE was not negotiated', () => {
+    const { dev } = setup({ drv: { features: bit(VIRTIO_F.VERSION_1) | bit(VIRTIO_BLK_F.FLUSH) } });
+    dev.writeConfig(BLK_CONFIG.writeback, Uint8Array.of(0));
+    expect(dev.writeback).to.equal(1);
+  });
+
+  it('ignores writes to read-only config fields', () => {
     const { dev } = setup();
+    const before = new Uint8Array(BLK_CONFIG.size);
+    dev.readConfig(0, before);
+    dev.writeConfig(BLK_CONFIG.capacity, new Uint8Array(8).fill(0xff));
+    const after = new Uint8Array(BLK_CONFIG.size);
+    dev.readConfig(0, after);
+    expect(Array.from(after)).to.deep.equal(Array.from(before));
+  });
+
+  it('starts in writethrough with writeback = 0 when CONFIG_WCE is negotiated without FLUSH (spec 5.2.5)', async () => {
     const s = setup({ drv: { features: bit(VIRTIO_F.VERSION_1) | bit(VIRTIO_BLK_F.CONFIG_WCE) } });
-    expect(dev.writethrough).to.equal(false);
-    expect(s.dev.writethrough).to.equal(true);
-    expect(s.dev.writeback).to.equal(0);
+    expect([s.dev.writethrough, s.dev.writeback]).to.deep.equal([true, 0]);
     await s.drv.run(0, { type: VIRTIO_BLK_T.OUT, sector: 0, data: pattern(512, 7) });
     expect(s.disk.priv.counts.flush).to.equal(1);
   });
 
-  it('DISCARD and WRITE_ZEROES zero the ranges of every segment', async () => {
+  it('is in writeback when FLUSH is negotiated and the default mode is kept', () => {
+    const { dev } = setup();
+    expect(dev.writethrough).to.equal(false);
+  });
+
+  it('DISCARD zeroes the range of every segment and nothing else', async () => {
     const { drv, disk } = setup();
     disk.priv.data.fill(0x55);
     const segs = Buffer.concat([encodeDwzSegment(0, 2, 0), encodeDwzSegment(10, 1, 0)]);
@@ -165,10 +224,16 @@ describe('VirtioBlkDevice basic requests through the mock driver', () => {
     expect(disk.priv.data.subarray(0, 1024).every((b) => b === 0)).to.equal(true);
     expect(disk.priv.data[1024]).to.equal(0x55);
     expect(disk.priv.data.subarray(5120, 5632).every((b) => b === 0)).to.equal(true);
+    expect(disk.priv.data[5632]).to.equal(0x55);
+  });
+
+  it('WRITE_ZEROES with the unmap flag zeroes its range and nothing else', async () => {
+    const { drv, disk } = setup();
+    disk.priv.data.fill(0x55);
     const z = await drv.run(0, { type: VIRTIO_BLK_T.WRITE_ZEROES, sector: 0, data: encodeDwzSegment(20, 4, 1) });
     expect(z.status).to.equal(VIRTIO_BLK_S.OK);
     expect(disk.priv.data.subarray(20 * 512, 24 * 512).every((b) => b === 0)).to.equal(true);
-    expect(disk.priv.data[24 * 512]).to.equal(0x55);
+    expect([disk.priv.data[20 * 512 - 1], disk.priv.data[24 * 512]]).to.deep.equal([0x55, 0x55]);
   });
 
   it('accepts an indirect chain of seg_max data buffers on a queue smaller than the maximum', async () => {

@@ -8,7 +8,7 @@ import { VIRTIO_BLK_T, VIRTIO_BLK_S } from '../../src/virtio/blk-config';
 import { VIRTIO_F } from '../../src/virtio/device';
 import { VIRTQ_DESC_F } from '../../src/virtio/chain';
 import { splitRingSizes } from '../../src/virtio/queue';
-import { rng, pattern } from './helpers';
+import { rng, pattern, turns } from './helpers';
 
 /**
  * Randomised corruption fuzz: valid requests are laid out, then descriptor tables, indirect
@@ -18,8 +18,8 @@ import { rng, pattern } from './helpers';
  * - the device writes no byte that no WRITE descriptor (direct or in an indirect table, as the
  *   tables read before or after the kick) covers: not the avail ring, not the descriptor table
  *   unless the guest pointed a WRITE buffer at it;
- * - every popped chain is completed exactly once (in-flight drops to 0, used idx advances by the
- *   number of used entries, ids are < queue size), unless the device entered NEEDS_RESET;
+ * - every popped chain is completed exactly once: after stopQueue (which waits for in-flight
+ *   requests) the used entries are exactly the heads popped, one each, also after NEEDS_RESET;
  * - after a reset the device serves a valid request again.
  *
  * Runs for VBLK_FUZZ_SECONDS (default 10; `make fuzz` sets 300). VBLK_FUZZ_SEED replays a seed.
@@ -28,10 +28,6 @@ import { rng, pattern } from './helpers';
 const SECONDS = Number(process.env.VBLK_FUZZ_SECONDS ?? '10');
 const RAM_BASE = 0x10000;
 const RAM_SIZE = 256 * 1024;
-
-async function turns(n: number): Promise<void> {
-  for (let i = 0; i < n; i++) await new Promise<void>((r) => setImmediate(r));
-}
 
 /** Every guest range a WRITE descriptor in the table (or in an indirect table it points to) covers. */
 function writableSuperset(mem: GuestMemory, table: number, entries: number, depth = 0): { addr: number; len: number }[] {
@@ -52,6 +48,30 @@ function writableSuperset(mem: GuestMemory, table: number, entries: number, dept
   return out;
 }
 
+/** Every guest range except `r` (to ask whether anything inside `r` changed). */
+function allowedOutside(mem: GuestMemory, r: { addr: number; len: number }): { addr: number; len: number }[] {
+  const lo = mem.regions[0]?.guestAddr ?? 0;
+  const hi = Number.MAX_SAFE_INTEGER;
+  return [
+    { addr: lo, len: r.addr - lo },
+    { addr: r.addr + r.len, len: hi - (r.addr + r.len) },
+  ];
+}
+
+/** The descriptor table and every indirect table it points to (where chains are read from). */
+function tableRanges(mem: GuestMemory, table: number, entries: number): { addr: number; len: number }[] {
+  const out = [{ addr: table, len: 16 * entries }];
+  for (let i = 0; i < entries; i++) {
+    const off = table + 16 * i;
+    const addr = mem.readU64(off);
+    const len = mem.readU32(off + 8);
+    if ((mem.readU16(off + 12) & VIRTQ_DESC_F.INDIRECT) !== 0 && addr <= BigInt(Number.MAX_SAFE_INTEGER) && mem.isValidRange(Number(addr), len)) {
+      out.push({ addr: Number(addr), len });
+    }
+  }
+  return out;
+}
+
 describe('virtio-blk corruption fuzz', function () {
   this.timeout(SECONDS * 1000 + 60000);
 
@@ -61,6 +81,7 @@ describe('virtio-blk corruption fuzz', function () {
     let iterations = 0;
     let resets = 0;
     let statuses = 0;
+    let selfModifying = 0;
     while (Date.now() < deadline) {
       const seed = (baseSeed + iterations * 7919) % 0x7fffffff || 1;
       const r = rng(seed);
@@ -128,20 +149,35 @@ describe('virtio-blk corruption fuzz', function () {
           }
         }
         const allowed = [{ addr: q.usedRing, len: sizes.used }, ...writableSuperset(mem, q.descTable, qsize)];
+        const tables = tableRanges(mem, q.descTable, qsize);
         const snap = snapshotMemory(mem);
-        const usedBefore = q.usedIdx;
+        const availBefore = mem.read(q.availRing, sizes.avail);
         expect(() => drv.kick(0)).to.not.throw();
         await turns(20);
         expect(() => drv.kick(0)).to.not.throw(); // a spurious second kick
         await turns(20);
+        // Stopping waits for whatever is still in flight and says how many chains were popped.
+        const popped = await dev.stopQueue(0);
         // A WRITE descriptor may legitimately point into a descriptor table (the guest's choice), so
         // the device's own writes can change later chains: allow what the tables say afterwards too.
-        const changed = changedOutside(mem, snap, [...allowed, ...writableSuperset(mem, q.descTable, qsize)]);
-        expect(changed, `seed ${seed}: device wrote outside WRITE descriptors`).to.deep.equal([]);
-        expect(dev.inFlight(0), `seed ${seed}: requests left in flight`).to.equal(0);
+        // When the device's own writes changed a descriptor table (the guest pointed a WRITE buffer
+        // at it), later chains were read from intermediate table states that neither snapshot
+        // shows, and they may legitimately point anywhere in guest RAM: the check cannot bound them.
+        const tablesRewritten = tables.some((t) => changedOutside(mem, snap, allowedOutside(mem, t)).length > 0);
+        if (tablesRewritten) selfModifying++;
+        else {
+          const changed = changedOutside(mem, snap, [...allowed, ...writableSuperset(mem, q.descTable, qsize)]);
+          expect(changed, `seed ${seed}: device wrote outside WRITE descriptors`).to.deep.equal([]);
+        }
+        // Exactly once: every popped chain has one used entry and nothing else has one, also
+        // after NEEDS_RESET (chains popped before the corruption still complete).
         const entries = q.reap();
-        expect((q.usedIdx - usedBefore) & 0xffff).to.equal(entries.length);
-        for (const e of entries) expect(e.id).to.be.lessThan(qsize);
+        expect(entries.length, `seed ${seed}: used entries vs chains popped`).to.equal(popped);
+        if (mem.read(q.availRing, sizes.avail).equals(availBefore)) {
+          // (unless a WRITE buffer pointed into the avail ring and changed what was popped)
+          const heads = Array.from({ length: popped }, (_, i) => availBefore.readUInt16LE(4 + 2 * (i % qsize)));
+          expect(entries.map((e) => e.id).sort((a, b) => a - b), `seed ${seed}: used ids vs popped heads`).to.deep.equal(heads.sort((a, b) => a - b));
+        }
         if (dev.needsReset) resets++;
         statuses += entries.length;
         // Recovery: after a reset, a fresh driver gets service.
@@ -156,7 +192,7 @@ describe('virtio-blk corruption fuzz', function () {
       }
       iterations++;
     }
-    console.log(`    fuzz: ${iterations} iterations, ${statuses} used entries, ${resets} NEEDS_RESET (base seed ${baseSeed})`);
+    console.log(`    fuzz: ${iterations} iterations, ${statuses} used entries, ${resets} NEEDS_RESET, ${selfModifying} rewrote their own descriptor tables (base seed ${baseSeed})`);
     expect(iterations).to.be.greaterThan(0);
   });
 });

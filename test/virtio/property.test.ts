@@ -55,6 +55,8 @@ const streamArb = fc.record({
   delaySeed: fc.integer({ min: 1, max: 0x7fffffff }),
   eventIdx: fc.boolean(),
   indirectDesc: fc.boolean(),
+  /** Kick only when the device asked for it (avail_event / NO_NOTIFY), like Linux. */
+  kickOnlyWhenAsked: fc.boolean(),
 });
 
 function isWrite(op: Op): boolean {
@@ -131,7 +133,7 @@ class Model {
   }
 }
 
-async function runStream(t: Target, stream: { batches: Req[][]; eventIdx?: boolean; indirectDesc?: boolean }, writable: boolean): Promise<void> {
+async function runStream(t: Target, stream: { batches: Req[][]; eventIdx?: boolean; indirectDesc?: boolean; kickOnlyWhenAsked?: boolean }, writable: boolean): Promise<void> {
   const model = new Model(t.model);
   // Two adjacent regions: buffers may straddle the boundary (gather path).
   const half = 2 << 20;
@@ -162,7 +164,10 @@ async function runStream(t: Target, stream: { batches: Req[][]; eventIdx?: boole
       else spec = { type: r.op === 'wz' ? VIRTIO_BLK_T.WRITE_ZEROES : VIRTIO_BLK_T.DISCARD, sector: 0, data: encodeDwzSegment(r.sector, r.nsec, r.op === 'wz' && r.unmap ? 1 : 0) };
       subs.push({ r, s: drv.submit(r.queue, spec, { indirect: r.indirect && drv.has(VIRTIO_F.INDIRECT_DESC), readableCuts: [16, ...r.rcuts], writableCuts: r.wcuts }) });
     }
-    for (let q = 0; q < NUM_QUEUES; q++) drv.kick(q);
+    for (let q = 0; q < NUM_QUEUES; q++) {
+      if (stream.kickOnlyWhenAsked === true) drv.kickIfNeeded(q);
+      else drv.kick(q);
+    }
     const results = new Map<SubmittedBlkRequest, BlkCompletion>();
     for (let q = 0; q < NUM_QUEUES; q++) {
       const mine = subs.filter((x) => x.r.queue === q).map((x) => x.s);

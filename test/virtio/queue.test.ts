@@ -4,7 +4,7 @@ import { GuestMemory } from '../../src/memory/guest-memory';
 import { SplitQueue, needsEvent, splitRingSizes } from '../../src/virtio/queue';
 import { MockVirtqueue } from '../../src/virtio/mock-driver';
 import { VIRTQ_DESC_F } from '../../src/virtio/chain';
-import { isVblkError } from '../../src/errors';
+import { expectVblkError as expectCode } from './helpers';
 
 const BASE = 0x4000;
 
@@ -26,16 +26,6 @@ function pair(o: { size?: number; eventIdx?: boolean; indirect?: boolean; nextAv
     ...(o.nextAvail !== undefined ? { nextAvail: o.nextAvail } : {}),
   });
   return { m, drv, q };
-}
-
-function expectCode(fn: () => unknown, code: 'E_VIRTIO_RING' | 'E_VIRTIO_CHAIN'): void {
-  let caught: unknown;
-  try {
-    fn();
-  } catch (e) {
-    caught = e;
-  }
-  expect(isVblkError(caught, code), `expected ${code}, got ${String(caught)}`).to.equal(true);
 }
 
 describe('SplitQueue setup', () => {
@@ -184,17 +174,28 @@ describe('SplitQueue used ring and notifications', () => {
     expect(q.publishUsed()).to.equal(false); // already passed
   });
 
-  it('enableNotification publishes avail_event (EVENT_IDX) or clears NO_NOTIFY, and reports new work', () => {
-    const e = pair({ eventIdx: true });
-    popN(e.drv, e.q, 2);
-    expect(e.q.enableNotification()).to.equal(false);
-    expect(e.drv.availEvent).to.equal(2);
-    const n = pair();
-    n.q.disableNotification();
-    expect(n.drv.usedFlags).to.equal(1);
-    n.drv.publish(n.drv.buildChain([{ addr: BASE + 0x10000, len: 1, writable: true }]));
-    expect(n.q.enableNotification()).to.equal(true);
-    expect(n.drv.usedFlags).to.equal(0);
+  it('enableNotification with EVENT_IDX publishes avail_event = the next avail index', () => {
+    const { drv, q } = pair({ eventIdx: true });
+    popN(drv, q, 2);
+    q.enableNotification();
+    expect(drv.availEvent).to.equal(2);
+  });
+
+  it('disableNotification without EVENT_IDX sets NO_NOTIFY; enableNotification clears it', () => {
+    const { drv, q } = pair();
+    q.disableNotification();
+    expect(drv.usedFlags).to.equal(1);
+    q.enableNotification();
+    expect(drv.usedFlags).to.equal(0);
+  });
+
+  it('enableNotification reports chains that arrived while kicks were off', () => {
+    const { drv, q } = pair();
+    q.disableNotification();
+    expect(q.enableNotification()).to.equal(false);
+    q.disableNotification();
+    drv.publish(drv.buildChain([{ addr: BASE + 0x10000, len: 1, writable: true }]));
+    expect(q.enableNotification()).to.equal(true);
   });
 
   it('needsEvent matches the spec formula over the whole u16 space', () => {

@@ -6,7 +6,7 @@ import { MockBlkDriver, snapshotMemory, changedOutside } from '../../src/virtio/
 import type { MockVirtqueue } from '../../src/virtio/mock-driver';
 import { VIRTQ_DESC_F } from '../../src/virtio/chain';
 import { VIRTIO_BLK_T, VIRTIO_BLK_S } from '../../src/virtio/blk-config';
-import { pattern } from './helpers';
+import { pattern, rawChain, blkHeader } from './helpers';
 
 /** Requests whose buffers cross from one guest memory region into the next (vhost-user maps RAM as several regions). */
 describe('virtio-blk over several guest memory regions', () => {
@@ -25,11 +25,9 @@ describe('virtio-blk over several guest memory regions', () => {
     return { mem, drv, disk };
   }
 
-  function rawChain(q: MockVirtqueue, descs: { addr: number; len: number; flags: number }[]): number {
-    const idx = q.allocDescriptors(descs.length);
-    descs.forEach((d, i) => q.writeDescriptor(idx[i] as number, { ...d, flags: d.flags | (i < descs.length - 1 ? VIRTQ_DESC_F.NEXT : 0), next: idx[i + 1] ?? 0 }));
-    q.own(idx[0] as number, idx);
-    return idx[0] as number;
+  /** A direct chain over `descs`, linked in order. */
+  function chain(q: MockVirtqueue, descs: { addr: number; len: number; flags: number }[]): number {
+    return rawChain(q, descs.map((d, i) => (i < descs.length - 1 ? { ...d, flags: d.flags | VIRTQ_DESC_F.NEXT, next: i + 1 } : d)));
   }
 
   it('an OUT whose data straddles two adjacent regions writes every byte', async () => {
@@ -38,12 +36,9 @@ describe('virtio-blk over several guest memory regions', () => {
     const data = pattern(4096, 11);
     const dataAddr = A + SIZE - 1000;
     mem.writeFrom(dataAddr, data);
-    const hdr = Buffer.alloc(16);
-    hdr.writeUInt32LE(VIRTIO_BLK_T.OUT, 0);
-    hdr.writeBigUInt64LE(8n, 8);
-    mem.writeFrom(A + 0x80000, hdr);
+    mem.writeFrom(A + 0x80000, blkHeader(VIRTIO_BLK_T.OUT, 8));
     const st = A + 0x80100;
-    q.publish(rawChain(q, [
+    q.publish(chain(q, [
       { addr: A + 0x80000, len: 16, flags: 0 },
       { addr: dataAddr, len: 4096, flags: 0 },
       { addr: st, len: 1, flags: VIRTQ_DESC_F.WRITE },
@@ -59,13 +54,11 @@ describe('virtio-blk over several guest memory regions', () => {
     const { mem, drv, disk } = make();
     const q = drv.queues[0] as MockVirtqueue;
     disk.priv.data.set(pattern(2048, 12), 0);
-    const hdr = Buffer.alloc(16);
-    hdr.writeUInt32LE(VIRTIO_BLK_T.IN, 0);
-    mem.writeFrom(A + 0x80000, hdr);
+    mem.writeFrom(A + 0x80000, blkHeader(VIRTIO_BLK_T.IN, 0));
     const dataAddr = A + SIZE - 300; // 300 bytes in region 0, the rest in region 1
     const st = 0x1000_0010; // status in the far region
     const snap = snapshotMemory(mem);
-    q.publish(rawChain(q, [
+    q.publish(chain(q, [
       { addr: A + 0x80000, len: 16, flags: 0 },
       { addr: dataAddr, len: 2048, flags: VIRTQ_DESC_F.WRITE },
       { addr: st, len: 1, flags: VIRTQ_DESC_F.WRITE },
@@ -82,10 +75,8 @@ describe('virtio-blk over several guest memory regions', () => {
   it('a buffer running from a region into a hole is refused (used length 0)', async () => {
     const { mem, drv } = make();
     const q = drv.queues[0] as MockVirtqueue;
-    const hdr = Buffer.alloc(16);
-    hdr.writeUInt32LE(VIRTIO_BLK_T.IN, 0);
-    mem.writeFrom(A + 0x80000, hdr);
-    const head = rawChain(q, [
+    mem.writeFrom(A + 0x80000, blkHeader(VIRTIO_BLK_T.IN, 0));
+    const head = chain(q, [
       { addr: A + 0x80000, len: 16, flags: 0 },
       { addr: A + 2 * SIZE - 100, len: 512, flags: VIRTQ_DESC_F.WRITE },
       { addr: A + 0x80100, len: 1, flags: VIRTQ_DESC_F.WRITE },
