@@ -340,16 +340,19 @@ export class BlkRequest {
     flushed.then(this.#onFlushed, this.#onFail);
   }
 
+  /**
+   * GET_ID: the 20-byte NUL-padded serial, truncated to a shorter buffer. A longer buffer is
+   * NUL-padded to its end, so that every byte the used length covers was written by the device
+   * (spec 2.7.8.2: the driver may trust the first `len` bytes).
+   */
   #getId(): void {
     const id = this.#host.serial;
-    let left = Math.min(this.#dataLen, VIRTIO_BLK_ID_BYTES);
     let off = 0;
     for (const b of this.#dataViews()) {
-      if (left === 0) break;
-      const n = Math.min(b.length, left);
-      id.copy(b, 0, off, off + n);
-      off += n;
-      left -= n;
+      const n = Math.max(0, Math.min(b.length, VIRTIO_BLK_ID_BYTES - off));
+      if (n > 0) id.copy(b, 0, off, off + n);
+      if (n < b.length) b.fill(0, n);
+      off += b.length;
     }
     this.complete(VIRTIO_BLK_S.OK);
   }

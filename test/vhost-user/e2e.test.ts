@@ -109,6 +109,20 @@ describe('vhost-user e2e: a Linux guest on vblk serve (QEMU TCG)', function () {
     return p;
   }
 
+  it('the Linux driver negotiates VERSION_1 and EVENT_IDX (kick and interrupt suppression) with vblk serve', async () => {
+    const img = rawImage('probe.raw', 16 << 20);
+    await withServe(img, [], async (s) => {
+      const r = await bootGuest({ socket: s.socket, workload: 'probe', timeoutMs: 60_000 });
+      expect(r.rc, explain(r, s)).to.equal(0);
+      expect(r.results).to.include('probe size 32768');
+      const line = r.lines.find((l) => l.startsWith('VBLK-FEATURES '));
+      expect(line, explain(r, s)).to.be.a('string');
+      const bits = (line ?? '').slice('VBLK-FEATURES '.length);
+      expect(bits[29], 'VIRTIO_RING_F_EVENT_IDX').to.equal('1');
+      expect(bits[32], 'VIRTIO_F_VERSION_1').to.equal('1');
+    });
+  });
+
   it('raw: mkfs.ext4, mount, write, md5, umount, fsck in the guest; the host e2fsck agrees', async () => {
     const img = rawImage('fs.raw');
     await withServe(img, [], async (s) => {

@@ -13,7 +13,7 @@ import type { Mapping } from '../../src/native/libc';
 import { nativeLibraryPath } from '../../src/native/library';
 import { VhostUserServer } from '../../src/transport/vhost-user/server';
 import { encodeMemTable, encodeU64, encodeVringAddr, encodeVringState } from '../../src/transport/vhost-user/codec';
-import { FLAGS, PROTOCOL_F, VHOST_USER, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/transport/vhost-user/protocol';
+import { FLAGS, MAX_QUEUED_MESSAGES, PROTOCOL_F, VHOST_USER, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/transport/vhost-user/protocol';
 import { serveImage } from '../../src/cli/commands/serve';
 import { SocketFrontEnd, until } from './socket-client';
 
@@ -167,6 +167,83 @@ describe('vhost-user server over a Unix socket', function () {
     expect(await fe2.requestU64(VHOST_USER.GET_QUEUE_NUM)).to.equal(1n);
     expect(server?.sessions).to.equal(2);
     fe2.close();
+  });
+
+  it('40 connections that bring rings up and disconnect (some mid-setup) leave no descriptor or mapping behind', async () => {
+    const { dev } = await startServer();
+    const openFds = (): string[] =>
+      fs.readdirSync('/proc/self/fd').flatMap((n) => {
+        try {
+          return [`${n} -> ${fs.readlinkSync(`/proc/self/fd/${n}`)}`];
+        } catch {
+          return []; // the fd readdir itself used
+        }
+      });
+    // Mappings of the guest RAM file (the test's own mapping is one of them).
+    const ramMaps = (): number => fs.readFileSync('/proc/self/maps', 'utf8').split('\n').filter((l) => l.endsWith(path.join(dir, 'ram'))).length;
+    // One warm-up session, so lazily created handles (poller pipe, libuv internals) exist before counting.
+    const warm = new SocketFrontEnd(sock);
+    expect(await warm.requestU64(VHOST_USER.GET_QUEUE_NUM)).to.equal(1n);
+    warm.close();
+    await until(() => server?.sessions === 1 && !server.connected, 'the warm-up session to end');
+    const fdsBefore = openFds();
+    const mapsBefore = ramMaps();
+    expect(mapsBefore).to.equal(1);
+    for (let i = 0; i < 40; i++) {
+      const fe = new SocketFrontEnd(sock);
+      if (i % 4 === 3) {
+        // Disconnect after the memory table and a kick fd, before the ring runs.
+        fe.send(VHOST_USER.SET_MEM_TABLE, encodeMemTable([{ guestAddr: BigInt(GUEST_BASE), size: BigInt(RAM), userAddr: USER_BASE, mmapOffset: 0n }]), { fds: [ramFd] });
+        const k = eventfd(0, EFD_NONBLOCK);
+        fe.send(VHOST_USER.SET_VRING_KICK, encodeU64(0n), { fds: [k] });
+        fs.closeSync(k);
+        expect(await fe.requestU64(VHOST_USER.GET_QUEUE_NUM)).to.equal(1n);
+      } else {
+        const { kick: k, call } = await bringUp(fe, dev);
+        const err = eventfd(0, EFD_NONBLOCK);
+        fe.send(VHOST_USER.SET_VRING_ERR, encodeU64(0n), { fds: [err] });
+        // Replacing the call fd must close the one it replaces.
+        const call2 = eventfd(0, EFD_NONBLOCK);
+        fe.send(VHOST_USER.SET_VRING_CALL, encodeU64(0n), { fds: [call2] });
+        expect(await fe.requestU64(VHOST_USER.GET_QUEUE_NUM)).to.equal(1n);
+        for (const fd of [k, call, err, call2]) fs.closeSync(fd);
+      }
+      fe.close();
+      await until(() => server?.sessions === i + 2 && !server.connected, `session ${i + 2} to end`);
+    }
+    expect(openFds()).to.deep.equal(fdsBefore);
+    expect(ramMaps()).to.equal(mapsBefore);
+    expect(logs).to.deep.equal([]);
+  });
+
+  it('a front-end that floods messages behind a slow GET_VRING_BASE: the server stops reading at MAX_QUEUED_MESSAGES', async () => {
+    const { dev } = await startServer({ maxDelayTurns: 400_000, random: () => 0.99 });
+    const fe = new SocketFrontEnd(sock);
+    const { drv, kick: k, call } = await bringUp(fe, dev);
+    drv.submit(0, { type: VIRTIO_BLK_T.OUT, sector: 8, data: Buffer.alloc(4096, 1) });
+    kick(k);
+    await until(() => dev.inFlight(0) > 0, 'a request in flight');
+    fe.send(VHOST_USER.GET_VRING_BASE, encodeVringState({ index: 0, num: 0 })); // waits for the write
+    // 1000 SET_OWNER messages of 112 bytes, sent in a few large writes (under the socket buffer).
+    const one = Buffer.alloc(112);
+    one.writeUInt32LE(VHOST_USER.SET_OWNER, 0);
+    one.writeUInt32LE(FLAGS.VERSION, 4);
+    one.writeUInt32LE(100, 8);
+    for (let i = 0; i < 10; i++) fe.sendRaw(Buffer.concat(Array.from({ length: 100 }, () => one)));
+    await until(() => (server?.backlog ?? 0) >= MAX_QUEUED_MESSAGES, 'the backlog to fill');
+    await new Promise((r) => setTimeout(r, 50));
+    expect(dev.inFlight(0), 'GET_VRING_BASE still waiting').to.equal(1);
+    // One 8 KiB read may overshoot the cap by what it holds (73 messages), never more.
+    expect(server?.backlog).to.be.at.most(MAX_QUEUED_MESSAGES + Math.ceil(8192 / 112));
+    const base = await fe.reply(10_000);
+    expect(base.request).to.equal(VHOST_USER.GET_VRING_BASE);
+    expect(base.payload.readUInt32LE(4)).to.equal(1);
+    // Every flooded message was still handled, in order, and the session goes on.
+    expect(await fe.requestU64(VHOST_USER.GET_QUEUE_NUM)).to.equal(1n);
+    expect(server?.backlog).to.equal(0);
+    expect(logs).to.deep.equal([]);
+    for (const fd of [k, call]) fs.closeSync(fd);
+    fe.close();
   });
 
   it('a message cut short by a disconnect: one log line, and the server keeps serving', async () => {

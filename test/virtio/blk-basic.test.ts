@@ -255,6 +255,14 @@ describe('VirtioBlkDevice basic requests through the mock driver', () => {
     expect(r.usedLen).to.equal(5);
   });
 
+  it('GET_ID into a buffer longer than 20 bytes NUL-pads all of it (every byte the used length covers is written)', async () => {
+    const { drv } = setup({ dev: { serial: 'ABCDEFGHIJ' } });
+    const r = await drv.run(0, { type: VIRTIO_BLK_T.GET_ID, sector: 0, readLen: 64 }, { writableCuts: [7, 30] });
+    expect(r.status).to.equal(VIRTIO_BLK_S.OK);
+    expect(r.usedLen).to.equal(65);
+    expect(r.data.equals(Buffer.concat([Buffer.from('ABCDEFGHIJ', 'latin1'), Buffer.alloc(54)]))).to.equal(true);
+  });
+
   it('a disk I/O error becomes IOERR and the queue keeps serving', async () => {
     const { drv } = setup({ disk: { fail: (op, sector) => op === 'read' && sector === 100 } });
     const bad = await drv.run(0, { type: VIRTIO_BLK_T.IN, sector: 100, readLen: 512 });

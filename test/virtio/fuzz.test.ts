@@ -157,7 +157,10 @@ describe('virtio-blk corruption fuzz', function () {
         expect(() => drv.kick(0)).to.not.throw(); // a spurious second kick
         await turns(20);
         // Stopping waits for whatever is still in flight and says how many chains were popped.
-        const popped = await dev.stopQueue(0);
+        const popped = await Promise.race([
+          dev.stopQueue(0),
+          new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`seed ${seed}: stopQueue never resolved (a popped request was never completed)`)), 2000).unref()),
+        ]);
         // A WRITE descriptor may legitimately point into a descriptor table (the guest's choice), so
         // the device's own writes can change later chains: allow what the tables say afterwards too.
         // When the device's own writes changed a descriptor table (the guest pointed a WRITE buffer

@@ -3,6 +3,7 @@ import { setup, pattern, turns, expectVblkError } from './helpers';
 import { VIRTIO_BLK_T, VIRTIO_BLK_S } from '../../src/virtio/blk-config';
 import { VIRTIO_F } from '../../src/virtio/device';
 import { VIRTQ_USED_F_NO_NOTIFY } from '../../src/virtio/queue';
+import { VIRTQ_DESC_F } from '../../src/virtio/chain';
 import { MockBlkDriver } from '../../src/virtio/mock-driver';
 import type { MockVirtqueue, SubmittedBlkRequest } from '../../src/virtio/mock-driver';
 import { DiskImage } from '../../src/disk/disk-image';
@@ -137,6 +138,17 @@ describe('VirtioBlkDevice stopQueue and reset', () => {
   });
 });
 
+/** A started mock driver over a device over a SyncThrowingDisk. */
+function syncThrowingSetup(): { dev: VirtioBlkDevice; drv: MockBlkDriver } {
+  const base = createMemoryDisk({ size: 1 << 20 });
+  const disk = new SyncThrowingDisk({ path: 'sync-throw', format: 'raw', size: base.size, readonly: false, ops: memoryDiskOps, priv: base.priv });
+  const mem = new GuestMemory([{ guestAddr: 0x10_0000, buffer: Buffer.alloc(1 << 20) }]);
+  const dev = new VirtioBlkDevice(disk, { queueSize: 16 });
+  const drv = new MockBlkDriver(dev, mem);
+  drv.start();
+  return { dev, drv };
+}
+
 describe('VirtioBlkDevice disk failures', () => {
   it('a failing flush in writethrough mode turns the write into IOERR', async () => {
     const s = setup({ dev: { writeback: false }, disk: { fail: (op) => op === 'flush' } });
@@ -145,11 +157,7 @@ describe('VirtioBlkDevice disk failures', () => {
   });
 
   it('a disk method that throws synchronously gives IOERR, completed once', async () => {
-    const base = createMemoryDisk({ size: 1 << 20 });
-    const disk = new SyncThrowingDisk({ path: 'sync-throw', format: 'raw', size: base.size, readonly: false, ops: memoryDiskOps, priv: base.priv });
-    const mem = new GuestMemory([{ guestAddr: 0x10_0000, buffer: Buffer.alloc(1 << 20) }]);
-    const drv = new MockBlkDriver(new VirtioBlkDevice(disk, { queueSize: 16 }), mem);
-    drv.start();
+    const { drv } = syncThrowingSetup();
     const bad = drv.submit(0, { type: VIRTIO_BLK_T.IN, sector: 100, readLen: 512 });
     drv.kick(0);
     const [c] = await drv.complete([bad]);
@@ -159,12 +167,7 @@ describe('VirtioBlkDevice disk failures', () => {
   });
 
   it('the queue keeps serving after a disk method threw synchronously', async () => {
-    const base = createMemoryDisk({ size: 1 << 20 });
-    const disk = new SyncThrowingDisk({ path: 'sync-throw', format: 'raw', size: base.size, readonly: false, ops: memoryDiskOps, priv: base.priv });
-    const mem = new GuestMemory([{ guestAddr: 0x10_0000, buffer: Buffer.alloc(1 << 20) }]);
-    const dev = new VirtioBlkDevice(disk, { queueSize: 16 });
-    const drv = new MockBlkDriver(dev, mem);
-    drv.start();
+    const { dev, drv } = syncThrowingSetup();
     await drv.run(0, { type: VIRTIO_BLK_T.IN, sector: 100, readLen: 512 });
     const ok = await drv.run(0, { type: VIRTIO_BLK_T.IN, sector: 101, readLen: 512 });
     expect(ok.status).to.equal(VIRTIO_BLK_S.OK);
@@ -264,6 +267,20 @@ describe('VirtioBlkDevice batching and notifications', () => {
       expect(kicks).to.be.greaterThan(0);
     });
   }
+
+  it('a drain yields after walking 65536 descriptors, however few chains that is', async () => {
+    // 512 heads, each a 512-descriptor loop (cut at the chain cap): 2^18 descriptor reads in all.
+    const s = setup({ dev: { queueSize: 512 }, ramSize: 1 << 20 });
+    const q = s.drv.queues[0] as MockVirtqueue;
+    const buf = s.drv.alloc.alloc(16);
+    for (let i = 0; i < q.size; i++) q.writeDescriptor(i, { addr: buf, len: 0, flags: VIRTQ_DESC_F.NEXT, next: (i + 1) % q.size });
+    for (let i = 0; i < q.size; i++) q.pushAvail(i, i);
+    q.setAvailIdx(q.size);
+    s.drv.kick(0);
+    expect(q.usedIdx, 'chains completed by the first drain').to.equal(65536 / 512);
+    await turns(10);
+    expect(q.usedIdx, 'chains completed once the deferred drains ran').to.equal(q.size);
+  });
 
   it('refreshCapacity with an unchanged size raises no config change', () => {
     const s = setup();

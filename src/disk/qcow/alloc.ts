@@ -67,8 +67,6 @@ export class Qcow2Writer implements ByteReader {
   readonly #inflight = new Set<Promise<unknown>>();
   /** Host offsets of L2 tables referenced by the active L1 (overlap checks). */
   readonly #l2Set = new Set<number>();
-  /** Modification counters of L2 tables (a write-back only marks a table clean if unchanged). */
-  readonly #versions = new WeakMap<L2Table, number>();
   #prepared = false;
   /** We set the dirty bit (lazy refcounts) and must clear it at a clean close. */
   #setDirty = false;
@@ -88,7 +86,7 @@ export class Qcow2Writer implements ByteReader {
       const off = s.l2Offset(i);
       if (off !== 0) this.#l2Set.add(off);
     }
-    s.l2Cache.setWriteBack((t) => this.#writeBackOne(t));
+    s.l2Cache.setWriteBack((t, bytes) => this.#writeBackOne(t, bytes));
   }
 
   get backing(): DiskImage | undefined {
@@ -118,23 +116,7 @@ export class Qcow2Writer implements ByteReader {
     return this.s.file.write(buf, pos);
   }
 
-  /** Last write issued per L2 table: two writes of one table are never in flight together. */
-  readonly #tableWrites = new Map<number, Promise<void>>();
-
-  /** Writes a table snapshot after any earlier write of the same table has finished. */
-  async #writeTable(off: number, bytes: Uint8Array): Promise<void> {
-    const prev = this.#tableWrites.get(off);
-    const p = (prev ?? Promise.resolve()).catch(() => undefined).then(() => this.#fileWrite(bytes, off));
-    this.#tableWrites.set(off, p);
-    try {
-      await p;
-    } finally {
-      if (this.#tableWrites.get(off) === p) this.#tableWrites.delete(off);
-    }
-  }
-
   #markDirty(t: L2Table): void {
-    this.#versions.set(t, (this.#versions.get(t) ?? 0) + 1);
     this.s.l2Cache.markDirty(t);
   }
 
@@ -212,11 +194,15 @@ export class Qcow2Writer implements ByteReader {
     return this.s.l1[2 * i] ?? 0;
   }
 
+  /** The cached table at `l2off`, pinned (the caller unpins it when done with it). */
   async #table(l2off: number): Promise<L2Table> {
     for (;;) {
       const t = this.s.l2Cache.peek(l2off) ?? (await this.s.l2Cache.get(l2off));
-      // The cache may have replaced it while we awaited; use the live object.
-      if (this.s.l2Cache.peek(l2off) === t) return t;
+      // It may have been evicted again between the load and this continuation: use the live one.
+      if (this.s.l2Cache.peek(l2off) === t) {
+        this.s.l2Cache.pin(t);
+        return t;
+      }
     }
   }
 
@@ -230,17 +216,26 @@ export class Qcow2Writer implements ByteReader {
 
   /**
    * The L2 table for L1 index `l1i`, ready to be modified: allocated when missing, copied when
-   * shared with a snapshot (L1 entry without COPIED). Call under the lock.
+   * shared with a snapshot (L1 entry without COPIED). Call under the lock. The table is returned
+   * pinned in the cache: the caller must `unpin` it.
    */
   async #writableTable(l1i: number): Promise<L2Table> {
     const s = this.s;
     const l2off = s.l2Offset(l1i);
     if (l2off !== 0 && this.#l1Hi(l1i) & HI_COPIED) return this.#table(l2off);
     const old = l2off !== 0 ? await this.#table(l2off) : undefined;
+    let words: Uint32Array;
+    let stride = 2;
+    if (old) {
+      words = old.words.slice();
+      stride = old.stride;
+      s.l2Cache.unpin(old);
+    } else {
+      words = new Uint32Array((s.clusterSize / 4) | 0);
+    }
     const newOff = await this.rc.allocate(1);
     if (this.#isMetadata(newOff)) await this.#corrupt(`allocator returned metadata cluster ${hex(newOff)} for an L2 table`);
-    const words = old ? old.words.slice() : new Uint32Array((s.clusterSize / 4) | 0);
-    const t = new L2Table(newOff, words, old ? old.stride : 2);
+    const t = new L2Table(newOff, words, stride);
     try {
       await this.rc.flush();
       await this.#fileWrite(t.encode(), newOff);
@@ -252,6 +247,7 @@ export class Qcow2Writer implements ByteReader {
     // From here a failure may leave the L1 entry on disk: never release the new table then.
     await this.#writeL1Entry(l1i, BigInt(newOff) | COPIED);
     this.#l2Set.add(newOff);
+    s.l2Cache.pin(t);
     await s.l2Cache.insert(t);
     if (old) this.#pendingFree.push({ offset: old.offset, bytes: s.clusterSize });
     return t;
@@ -334,8 +330,21 @@ export class Qcow2Writer implements ByteReader {
     const inCluster = off - clusterStart;
     const l1i = Math.floor(ci / s.l2Entries);
     const l2i = ci - l1i * s.l2Entries;
-    // Without an L2 table and without a backing file, nothing to copy: allocate directly.
     const t = await this.#writableTable(l1i);
+    try {
+      await this.#writeInTable(t, l2i, off, data);
+    } finally {
+      s.l2Cache.unpin(t);
+    }
+  }
+
+  /** `#writeLocked` once the L2 table `t` (pinned) is writable; `l2i` is the entry of `off`. */
+  async #writeInTable(t: L2Table, l2i: number, off: number, data: Uint8Array): Promise<void> {
+    const s = this.s;
+    const cs = s.clusterSize;
+    const ci = Math.floor(off / cs);
+    const clusterStart = ci * cs;
+    const inCluster = off - clusterStart;
     const entry = t.entry(l2i);
     const hi = Number(entry >> 32n);
     const lo = Number(entry & 0xffffffffn);
@@ -439,6 +448,15 @@ export class Qcow2Writer implements ByteReader {
     }
     await this.#prepare();
     const t = await this.#writableTable(l1i);
+    try {
+      this.#zeroEntry(t, l2i, mode, unmap, hasBacking);
+    } finally {
+      s.l2Cache.unpin(t);
+    }
+  }
+
+  /** Sets entry `l2i` of the writable table `t` to read as zeroes or unallocated. */
+  #zeroEntry(t: L2Table, l2i: number, mode: 'zero' | 'discard', unmap: boolean, hasBacking: boolean): void {
     const entry = t.entry(l2i);
     const hi = Number(entry >> 32n);
     const lo = Number(entry & 0xffffffffn);
@@ -461,22 +479,11 @@ export class Qcow2Writer implements ByteReader {
 
   // ---------------------------------------------------------------- flush
 
-  /** Snapshot of the dirty L2 tables (bytes taken now; cleaned only if unchanged when written). */
-  #dirtyTables(): { t: L2Table; v: number; bytes: Buffer }[] {
-    const out: { t: L2Table; v: number; bytes: Buffer }[] = [];
-    for (const t of this.s.l2Cache.tables()) if (t.dirty) out.push({ t, v: this.#versions.get(t) ?? 0, bytes: t.encode() });
-    return out.sort((a, b) => a.t.offset - b.t.offset);
-  }
-
-  /** Eviction write-back of one table: refcounts first, sync, then the table. */
-  async #writeBackOne(t: L2Table): Promise<void> {
-    t.dirty = true; // keep it pinned in the cache until written
-    const v = this.#versions.get(t) ?? 0;
-    const bytes = t.encode();
+  /** Eviction write-back of one table snapshot: refcounts first, sync, then the table. */
+  async #writeBackOne(t: L2Table, bytes: Buffer): Promise<void> {
     await this.rc.flush();
     await this.s.file.sync();
-    await this.#writeTable(t.offset, bytes);
-    if ((this.#versions.get(t) ?? 0) === v) t.dirty = false;
+    await this.#fileWrite(bytes, t.offset);
   }
 
   /** Makes every completed write durable, then releases the clusters freed before it. */
@@ -488,17 +495,16 @@ export class Qcow2Writer implements ByteReader {
     const s = this.s;
     const inflight = [...this.#inflight];
     const frees = this.#pendingFree.splice(0);
-    const tables = this.#dirtyTables();
     try {
       await this.rc.flush();
       await s.file.sync();
-      for (const x of tables) await this.#writeTable(x.t.offset, x.bytes);
+      // Refcounts and data are durable: the tables can be written without a barrier each.
+      await s.l2Cache.flush((t, bytes) => this.#fileWrite(bytes, t.offset));
       await s.file.sync();
     } catch (e) {
       this.#pendingFree.unshift(...frees);
       throw e;
     }
-    for (const x of tables) if ((this.#versions.get(x.t) ?? 0) === x.v) x.t.dirty = false;
     if (frees.length > 0) {
       await Promise.allSettled(inflight);
       for (const f of frees) await this.rc.release(f.offset, f.bytes);

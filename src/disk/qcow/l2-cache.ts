@@ -9,10 +9,14 @@
  * others await the same promise). A table in use by a request stays valid after eviction (the
  * request keeps its reference; read-only tables never change).
  *
- * Write path (H3): a writer changes entries with `L2Table.set*`, then calls `markDirty(table)`.
- * Before a dirty table is evicted, the cache calls `writeBack(table)` and keeps the table until it
- * has been written; `flush()` writes back every dirty table. Without a `writeBack` callback the
- * cache refuses to mark tables dirty.
+ * Write path: a writer changes entries with `L2Table.set*`, then calls `markDirty(table)` (which
+ * bumps the table's `version`). A write-back encodes a snapshot of the table and hands it to the
+ * `writeBack(table, bytes)` callback; the table stays dirty and pinned in the cache until that
+ * write has completed, and is only marked clean if it did not change meanwhile. Two write-backs of
+ * one table are never in flight together (the later one waits, so the newest bytes land last), and
+ * a load of an offset whose write-back is in flight waits for it, so the cache never reloads a
+ * stale copy from disk. A writer that must keep a table across awaits `pin`s it (never evicted
+ * while pinned). Without a `writeBack` callback the cache refuses to mark tables dirty.
  */
 import { DiskError, hex } from '../../errors';
 
@@ -26,6 +30,10 @@ export class L2Table {
   readonly stride: number;
   /** Set by the write path; a dirty table is written back before eviction. */
   dirty = false;
+  /** Bumped by every `L2Cache.markDirty`: a write-back only cleans the version it wrote. */
+  version = 0;
+  /** Pin count: a pinned table is never evicted (`L2Cache.pin` / `unpin`). */
+  pins = 0;
   /** LRU clock value of the last use. */
   tick = 0;
 
@@ -83,9 +91,12 @@ export class L2Table {
   }
 }
 
+/** Writes one table snapshot (`bytes`, taken when the write-back started) to the file. */
+export type L2WriteBack = (table: L2Table, bytes: Buffer) => Promise<void>;
+
 /** Options of an `L2Cache`. */
 export interface L2CacheOptions {
-  /** Maximum number of tables kept (>= 1). */
+  /** Maximum number of tables kept (>= 1); exceeded only while every table is pinned. */
   readonly capacity: number;
   /** Bytes per table on disk. */
   readonly tableBytes: number;
@@ -93,8 +104,8 @@ export interface L2CacheOptions {
   readonly stride?: number;
   /** Reads `buf.length` bytes of the table at `offset`; resolves to the count read. */
   readonly read: (buf: Uint8Array, offset: number) => Promise<number>;
-  /** Writes a dirty table back (write path only). */
-  readonly writeBack?: (table: L2Table) => Promise<void>;
+  /** Writes a dirty table back (write path only; eviction and `flush()` use it). */
+  readonly writeBack?: L2WriteBack;
 }
 
 /**
@@ -109,9 +120,11 @@ export class L2Cache {
   readonly tableBytes: number;
   readonly stride: number;
   readonly #read: L2CacheOptions['read'];
-  #writeBack: L2CacheOptions['writeBack'];
+  #writeBack: L2WriteBack | undefined;
   readonly #tables = new Map<number, L2Table>();
   readonly #loading = new Map<number, Promise<L2Table>>();
+  /** Write-backs in flight, by table offset (at most one per offset). */
+  readonly #writing = new Map<number, Promise<void>>();
   #clock = 0;
   /** Number of table reads issued (for tests and `bench`: proves there is no re-reading). */
   loads = 0;
@@ -128,7 +141,7 @@ export class L2Cache {
   }
 
   /** Installs the write-back callback (the read-write table does this when it opens the image). */
-  setWriteBack(fn: (table: L2Table) => Promise<void>): void {
+  setWriteBack(fn: L2WriteBack): void {
     this.#writeBack = fn;
   }
 
@@ -140,6 +153,11 @@ export class L2Cache {
   /** Number of tables currently cached. */
   get size(): number {
     return this.#tables.size;
+  }
+
+  /** True while a write-back of the table at `offset` is in flight. */
+  writing(offset: number): boolean {
+    return this.#writing.has(offset);
   }
 
   /** The cached table at `offset`, or undefined; counts as a use (synchronous fast path). */
@@ -168,9 +186,25 @@ export class L2Cache {
    * Inserts a table the caller built (write path: a freshly allocated L2 table), evicting if needed.
    */
   async insert(table: L2Table): Promise<void> {
-    await this.#makeRoom();
+    table.pins++; // not evictable by the room we make for it
+    try {
+      await this.#makeRoom();
+    } finally {
+      table.pins--;
+    }
     table.tick = ++this.#clock;
     this.#tables.set(table.offset, table);
+  }
+
+  /** Keeps a cached table from being evicted until the matching `unpin` (writers across awaits). */
+  pin(table: L2Table): void {
+    table.pins++;
+  }
+
+  /** Releases one `pin`. */
+  unpin(table: L2Table): void {
+    if (table.pins <= 0) throw new RangeError(`L2 table ${hex(table.offset)} is not pinned`);
+    table.pins--;
   }
 
   /** Marks a cached table dirty (write path). */
@@ -178,12 +212,19 @@ export class L2Cache {
     if (!this.#writeBack) throw new RangeError('L2Cache.markDirty needs a writeBack callback');
     if (this.#tables.get(table.offset) !== table) throw new RangeError(`L2 table ${hex(table.offset)} is not in the cache`);
     table.dirty = true;
+    table.version++;
   }
 
-  /** Writes back every dirty table (in offset order). */
-  async flush(): Promise<void> {
+  /**
+   * Writes back every dirty table (in offset order) through `write`, or through the `writeBack`
+   * callback when omitted (a writer passes a plain table write when it has already ordered the
+   * refcounts and data before the whole batch).
+   */
+  async flush(write?: L2WriteBack): Promise<void> {
+    const fn = write ?? this.#writeBack;
+    if (!fn) return;
     const dirty = [...this.#tables.values()].filter((t) => t.dirty).sort((a, b) => a.offset - b.offset);
-    for (const t of dirty) await this.#write(t);
+    for (const t of dirty) await this.#write(t, fn);
   }
 
   /** Drops a table from the cache without writing it (e.g. after the cluster was freed). */
@@ -191,23 +232,42 @@ export class L2Cache {
     this.#tables.delete(offset);
   }
 
-  /** Drops every clean table (dirty ones must be flushed first). */
+  /** Drops every clean, unpinned table that is not being written (dirty ones must be flushed first). */
   clear(): void {
-    for (const [off, t] of this.#tables) if (!t.dirty) this.#tables.delete(off);
+    for (const [off, t] of this.#tables) if (!t.dirty && t.pins === 0 && !this.#writing.has(off)) this.#tables.delete(off);
   }
 
-  async #write(t: L2Table): Promise<void> {
-    if (!this.#writeBack) return;
-    t.dirty = false;
+  /**
+   * Writes `t` back if dirty. Waits for an in-flight write-back of the same offset first (so the
+   * newest snapshot lands last); the table is marked clean only when the version written is still
+   * current, and it stays in the cache (dirty) for the whole write.
+   */
+  async #write(t: L2Table, fn: L2WriteBack): Promise<void> {
+    for (;;) {
+      const prev = this.#writing.get(t.offset);
+      if (!prev) break;
+      await prev.catch(() => undefined);
+    }
+    if (!t.dirty) return;
+    const v = t.version;
+    const p = fn(t, t.encode());
+    this.#writing.set(t.offset, p);
     try {
-      await this.#writeBack(t);
-    } catch (e) {
-      t.dirty = true;
-      throw e;
+      await p;
+      if (t.version === v) t.dirty = false;
+    } finally {
+      this.#writing.delete(t.offset);
     }
   }
 
   async #load(offset: number): Promise<L2Table> {
+    // A write-back of this offset may still be in flight (the table was forgotten or replaced):
+    // reading now could return the bytes from before it.
+    for (;;) {
+      const w = this.#writing.get(offset);
+      if (!w) break;
+      await w.catch(() => undefined);
+    }
     const buf = Buffer.allocUnsafe(this.tableBytes);
     this.loads++;
     const n = await this.#read(buf, offset);
@@ -218,20 +278,44 @@ export class L2Cache {
     // Another caller may have inserted it meanwhile (write path); keep the cached one.
     const existing = this.#tables.get(offset);
     if (existing) return existing;
-    await this.#makeRoom();
+    t.pins++;
+    try {
+      await this.#makeRoom();
+    } finally {
+      t.pins--;
+    }
+    const again = this.#tables.get(offset);
+    if (again) return again;
     t.tick = ++this.#clock;
     this.#tables.set(offset, t);
     return t;
   }
 
+  /**
+   * Evicts least-recently-used tables until one more fits. A dirty victim is written back first
+   * and dropped only if it is still clean, unpinned and cached afterwards. Pinned tables and tables
+   * being written are skipped; when nothing else is left, waits for a write-back in flight, or
+   * (everything pinned) lets the cache exceed its capacity until the pins are released.
+   */
   async #makeRoom(): Promise<void> {
     while (this.#tables.size >= this.capacity) {
       let victim: L2Table | undefined;
-      for (const t of this.#tables.values()) if (!victim || t.tick < victim.tick) victim = t;
-      if (!victim) return;
-      if (victim.dirty) await this.#write(victim);
-      // It may have been used or re-dirtied while being written; only drop it if still clean.
-      if (!victim.dirty && this.#tables.get(victim.offset) === victim) this.#tables.delete(victim.offset);
+      for (const t of this.#tables.values()) {
+        if (t.pins > 0 || this.#writing.has(t.offset)) continue;
+        if (!victim || t.tick < victim.tick) victim = t;
+      }
+      if (!victim) {
+        const inflight = [...this.#writing.values()];
+        if (inflight.length === 0) return;
+        await Promise.race(inflight.map((p) => p.catch(() => undefined)));
+        continue;
+      }
+      if (victim.dirty) {
+        if (!this.#writeBack) throw new RangeError('L2Cache: a dirty table without a writeBack callback');
+        await this.#write(victim, this.#writeBack);
+      }
+      // It may have been used, pinned or re-dirtied while being written; only drop it if not.
+      if (!victim.dirty && victim.pins === 0 && !this.#writing.has(victim.offset) && this.#tables.get(victim.offset) === victim) this.#tables.delete(victim.offset);
     }
   }
 }

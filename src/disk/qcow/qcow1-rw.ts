@@ -30,12 +30,11 @@ export class QcowWriter {
   readonly lock = new Mutex();
   /** Next allocation offset (cluster-aligned end of the file). */
   #end: number;
-  readonly #versions = new WeakMap<L2Table, number>();
 
   constructor(s: QcowState) {
     this.s = s;
     this.#end = Math.ceil(s.fileSize / s.clusterSize) * s.clusterSize;
-    s.l2Cache.setWriteBack((t) => this.#writeBackOne(t));
+    s.l2Cache.setWriteBack((t, bytes) => this.#writeBackOne(t, bytes));
   }
 
   get backing(): DiskImage | undefined {
@@ -57,41 +56,27 @@ export class QcowWriter {
     return off;
   }
 
-  /** Last write issued per L2 table: two writes of one table are never in flight together. */
-  readonly #tableWrites = new Map<number, Promise<void>>();
-
-  async #writeTable(off: number, bytes: Uint8Array): Promise<void> {
-    const prev = this.#tableWrites.get(off);
-    const p = (prev ?? Promise.resolve()).catch(() => undefined).then(() => this.#write(bytes, off));
-    this.#tableWrites.set(off, p);
-    try {
-      await p;
-    } finally {
-      if (this.#tableWrites.get(off) === p) this.#tableWrites.delete(off);
-    }
-  }
-
   #markDirty(t: L2Table): void {
-    this.#versions.set(t, (this.#versions.get(t) ?? 0) + 1);
     this.s.l2Cache.markDirty(t);
   }
 
-  async #writeBackOne(t: L2Table): Promise<void> {
-    t.dirty = true;
-    const v = this.#versions.get(t) ?? 0;
-    const bytes = t.encode();
+  /** Eviction write-back of one table snapshot (the L2 cache keeps it pinned until written). */
+  async #writeBackOne(t: L2Table, bytes: Buffer): Promise<void> {
     await this.s.file.sync(); // the data the entries point at first
-    await this.#writeTable(t.offset, bytes);
-    if ((this.#versions.get(t) ?? 0) === v) t.dirty = false;
+    await this.#write(bytes, t.offset);
   }
 
+  /** The L2 table of L1 index `l1i` (created when `create`), returned pinned: the caller unpins. */
   async #table(l1i: number, create: boolean): Promise<L2Table | undefined> {
     const s = this.s;
     const off = s.l2Offset(l1i);
     if (off !== 0) {
       for (;;) {
         const t = s.l2Cache.peek(off) ?? (await s.l2Cache.get(off));
-        if (s.l2Cache.peek(off) === t) return t;
+        if (s.l2Cache.peek(off) === t) {
+          s.l2Cache.pin(t);
+          return t;
+        }
       }
     }
     if (!create) return undefined;
@@ -105,6 +90,7 @@ export class QcowWriter {
     await this.#write(e, s.header.l1TableOffset + l1i * 8);
     s.l1[2 * l1i] = Math.floor(newOff / TWO32);
     s.l1[2 * l1i + 1] = newOff % TWO32;
+    s.l2Cache.pin(t);
     await s.l2Cache.insert(t);
     return t;
   }
@@ -137,6 +123,19 @@ export class QcowWriter {
     const l2i = ci - l1i * s.l2Entries;
     const t = await this.#table(l1i, true);
     if (!t) throw new RangeError('no L2 table');
+    try {
+      await this.#writeInTable(t, l2i, off, data);
+    } finally {
+      s.l2Cache.unpin(t);
+    }
+  }
+
+  async #writeInTable(t: L2Table, l2i: number, off: number, data: Uint8Array): Promise<void> {
+    const s = this.s;
+    const cs = s.clusterSize;
+    const ci = Math.floor(off / cs);
+    const clusterStart = ci * cs;
+    const inCluster = off - clusterStart;
     const hi = t.words[2 * l2i] ?? 0;
     const lo = t.words[2 * l2i + 1] ?? 0;
     const compressed = (hi & 0x80000000) !== 0;
@@ -187,6 +186,7 @@ export class QcowWriter {
           const l1i = Math.floor(ci / s.l2Entries);
           const t = await this.#table(l1i, false);
           if (!t) return;
+          s.l2Cache.unpin(t); // no await below
           const l2i = ci - l1i * s.l2Entries;
           if ((t.words[2 * l2i] ?? 0) === 0 && (t.words[2 * l2i + 1] ?? 0) === 0) return;
           t.words[2 * l2i] = 0;
@@ -203,11 +203,9 @@ export class QcowWriter {
   flush(): Promise<void> {
     return this.lock.run(async () => {
       const s = this.s;
-      const dirty = [...s.l2Cache.tables()].filter((t) => t.dirty).map((t) => ({ t, v: this.#versions.get(t) ?? 0, bytes: t.encode() }));
+      await s.file.sync(); // data before the tables that point at it
+      await s.l2Cache.flush((t, bytes) => this.#write(bytes, t.offset));
       await s.file.sync();
-      for (const d of dirty) await this.#writeTable(d.t.offset, d.bytes);
-      await s.file.sync();
-      for (const d of dirty) if ((this.#versions.get(d.t) ?? 0) === d.v) d.t.dirty = false;
     });
   }
 

@@ -97,7 +97,23 @@ export async function openQcow2ReadWrite(file: ImageFile, opts: Qcow2OpenOptions
       state = await openQcow2State(file, opts);
       h = state.header;
     }
-    const rc = await RefcountManager.load(file, {
+    // The refcount manager writes blocks and grown tables itself: keep the writer's idea of the
+    // file size (it decides whether a new cluster lies past EOF and reads as zeroes) up to date.
+    const st = state;
+    const rcFile: ImageFile = {
+      path: file.path,
+      writable: file.writable,
+      read: (b, pos) => file.read(b, pos),
+      write: (b, pos) => {
+        if (pos + b.length > st.fileSize) st.fileSize = pos + b.length;
+        return file.write(b, pos);
+      },
+      sync: () => file.sync(),
+      size: () => file.size(),
+      truncate: (n) => file.truncate(n),
+      close: () => file.close(),
+    };
+    const rc = await RefcountManager.load(rcFile, {
       clusterBits: h.clusterBits,
       refcountOrder: h.refcountOrder,
       tableOffset: h.refcountTableOffset,

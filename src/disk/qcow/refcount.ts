@@ -240,18 +240,46 @@ export class RefcountManager {
       this.#cache.set(rtIdx, hit);
       return hit;
     }
+    // A write of this block may still be in flight (it was evicted meanwhile): reading before it
+    // lands would bring back the old counts and lose the increments it carries.
+    for (;;) {
+      const w = this.#writing.get(off);
+      if (!w) break;
+      await w.catch(() => undefined);
+    }
+    const again = this.#cache.get(rtIdx);
+    if (again) return again;
     const data = new Uint8Array(this.clusterSize);
     await readFull(this.file, data, off, `refcount block ${rtIdx}`);
+    const raced = this.#cache.get(rtIdx);
+    if (raced) return raced;
     const b: CachedBlock = { data, dirty: false };
     await this.#insert(rtIdx, b);
-    return b;
+    return this.#cache.get(rtIdx) ?? b;
   }
 
+  /**
+   * Caches block `rtIdx`, evicting least-recently-used blocks first. A block whose write is in
+   * flight is never the victim (it is marked clean when the write is issued; dropping it then and
+   * reloading it would read the old bytes); a dirty victim is written first and dropped only if
+   * it stayed clean.
+   */
   async #insert(rtIdx: number, b: CachedBlock): Promise<void> {
     while (this.#cache.size >= this.#maxCached) {
-      const [k, v] = this.#cache.entries().next().value as [number, CachedBlock];
+      let victim: [number, CachedBlock] | undefined;
+      for (const e of this.#cache) {
+        if (!this.#writing.has(this.#table[e[0]] ?? 0)) {
+          victim = e;
+          break;
+        }
+      }
+      if (!victim) {
+        await Promise.race([...this.#writing.values()].map((p) => p.catch(() => undefined)));
+        continue;
+      }
+      const [k, v] = victim;
       if (v.dirty) await this.#writeBlock(k, v);
-      this.#cache.delete(k);
+      if (!v.dirty && !this.#writing.has(this.#table[k] ?? 0) && this.#cache.get(k) === v) this.#cache.delete(k);
     }
     this.#cache.set(rtIdx, b);
   }

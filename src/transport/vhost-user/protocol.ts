@@ -110,3 +110,11 @@ export const VRING_NOFD_MASK = 0x100n;
 
 /** SET_VRING_ADDR flags: bit 0 = log used-ring writes (migration). */
 export const VRING_F_LOG = 1;
+/**
+ * Most messages a session reads ahead of the one being handled. Messages are handled strictly in
+ * order and one of them (GET_VRING_BASE, SET_MEM_TABLE) may wait for in-flight disk I/O; a
+ * front-end that keeps sending meanwhile must not grow the server's memory without bound, so
+ * past this many the server stops reading the socket (the kernel's socket buffer then pushes
+ * back on the sender) until the backlog halves.
+ */
+export const MAX_QUEUED_MESSAGES = 256;

@@ -3,13 +3,13 @@ import { EventEmitter } from 'node:events';
 import { TransportError } from '../../errors';
 import type { VirtioDevice } from '../../virtio/device';
 import { mmap, munmap } from '../../native/libc';
-import { Poller, acceptConnection, listenUnix, receiveWithFds, sendWithFds } from '../../native/vhost';
+import { Poller, acceptConnection, listenUnix, receiveWithFds, sendWithFds, watchEventfd } from '../../native/vhost';
 import { VhostUserBackend } from './backend';
 import type { BackendEnv } from './backend';
 import { MessageDecoder } from './codec';
 import type { VhostUserMessage } from './codec';
 import type { RegionMapper } from './memory-table';
-import { requestName } from './protocol';
+import { MAX_QUEUED_MESSAGES, requestName } from './protocol';
 
 /** Options of `VhostUserServer.listen`. */
 export interface VhostUserServerOptions {
@@ -22,6 +22,13 @@ export interface VhostUserServerOptions {
   readonly mapper?: RegionMapper;
   /** Runs after each session ended and its queues drained (the CLI flushes the disk here). */
   readonly afterSession?: () => Promise<void>;
+  /**
+   * How kick eventfds are watched: `direct` (default) reads them on the event loop itself
+   * (`watchEventfd`), `poller` through the native poller thread and its pipe (one more thread
+   * wake-up per kick; also the fallback when `direct` is unavailable). Environment override for
+   * measurements: VBLK_VU_KICKS=poller.
+   */
+  readonly kickMode?: 'direct' | 'poller';
 }
 
 const TOKEN_LISTEN = 1;
@@ -71,6 +78,7 @@ export class VhostUserServer extends EventEmitter {
   readonly #poller: Poller;
   readonly #listenFd: number;
   readonly #kicks = new Map<number, () => void>();
+  readonly #kickMode: 'direct' | 'poller';
   #nextToken = FIRST_KICK_TOKEN;
   #session: Session | undefined;
   #closing: Promise<void> | undefined;
@@ -84,6 +92,7 @@ export class VhostUserServer extends EventEmitter {
     this.#mapper = opts.mapper ?? mmapRegionMapper;
     this.#afterSession = opts.afterSession;
     this.#listenFd = listenFd;
+    this.#kickMode = opts.kickMode ?? (process.env['VBLK_VU_KICKS'] === 'poller' ? 'poller' : 'direct');
     this.#poller = new Poller((token) => this.#onToken(token));
     this.#poller.add(listenFd, TOKEN_LISTEN, 'oneshot');
   }
@@ -124,6 +133,11 @@ export class VhostUserServer extends EventEmitter {
     return this.#sessions;
   }
 
+  /** Messages the current session has read and not yet handled (tests check the cap). */
+  get backlog(): number {
+    return this.#session?.backlog ?? 0;
+  }
+
   /** The current session's back-end (tests inspect it). */
   get backend(): VhostUserBackend | undefined {
     return this.#session?.backend;
@@ -153,6 +167,10 @@ export class VhostUserServer extends EventEmitter {
       mapper: this.#mapper,
       log: this.#log,
       watchKick: (kfd, onKick) => {
+        if (this.#kickMode === 'direct') {
+          const stop = watchEventfd(kfd, onKick);
+          if (stop !== undefined) return stop;
+        }
         const token = this.#nextToken++;
         if (this.#nextToken > 0xffff_fff0) this.#nextToken = FIRST_KICK_TOKEN;
         this.#kicks.set(token, onKick);
@@ -229,6 +247,8 @@ class Session {
   readonly #buf = Buffer.alloc(RECV_CHUNK);
   #running: Promise<void> | undefined;
   #ended = false;
+  /** Reading stopped because the backlog is full (the socket is not armed). */
+  #paused = false;
 
   constructor(fd: number, backend: VhostUserBackend, poller: Poller, log: (line: string) => void, onEnd: () => void) {
     this.fd = fd;
@@ -238,10 +258,23 @@ class Session {
     this.#onEnd = onEnd;
   }
 
-  /** The socket is readable: read everything there is, queue complete messages, re-arm. */
+  /** Messages received and not yet handled (at most about MAX_QUEUED_MESSAGES). */
+  get backlog(): number {
+    return this.#queue.length;
+  }
+
+  /**
+   * The socket is readable: read until EAGAIN (or until the backlog is full: then stay paused,
+   * un-armed, until #run has handled half of it), queue complete messages, re-arm.
+   */
   readable(): void {
     if (this.#ended) return;
+    this.#paused = false;
     for (;;) {
+      if (this.#queue.length >= MAX_QUEUED_MESSAGES) {
+        this.#paused = true;
+        break;
+      }
       let r;
       try {
         r = receiveWithFds(this.fd, this.#buf);
@@ -263,11 +296,13 @@ class Session {
         return;
       }
     }
-    try {
-      this.#poller.rearm(this.fd, TOKEN_CONN);
-    } catch (e) {
-      this.disconnect(`cannot watch the socket: ${e instanceof Error ? e.message : String(e)}`);
-      return;
+    if (!this.#paused) {
+      try {
+        this.#poller.rearm(this.fd, TOKEN_CONN);
+      } catch (e) {
+        this.disconnect(`cannot watch the socket: ${e instanceof Error ? e.message : String(e)}`);
+        return;
+      }
     }
     if (this.#running === undefined) {
       this.#running = this.#run().finally(() => {
@@ -280,6 +315,7 @@ class Session {
     {
       while (!this.#ended && this.#queue.length > 0) {
         const m = this.#queue.shift() as VhostUserMessage;
+        if (this.#paused && this.#queue.length <= MAX_QUEUED_MESSAGES / 2) this.readable();
         const { reply, close } = await this.backend.handle(m);
         if (this.#ended) break;
         if (reply) {
