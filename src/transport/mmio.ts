@@ -79,10 +79,12 @@ interface QueueRegs {
   driverHi: number;
   deviceLo: number;
   deviceHi: number;
+  /** Set while the device drains the queue after QueueReady=0; a new start waits for it. */
+  stopping: Promise<void> | undefined;
 }
 
 function freshQueue(size: number): QueueRegs {
-  return { size, ready: false, descLo: 0, descHi: 0, driverLo: 0, driverHi: 0, deviceLo: 0, deviceHi: 0 };
+  return { size, ready: false, descLo: 0, descHi: 0, driverLo: 0, driverHi: 0, deviceLo: 0, deviceHi: 0, stopping: undefined };
 }
 
 export interface MmioTransportOptions {
@@ -372,11 +374,15 @@ export class VirtioMmioTransport {
       if (!q.ready) return;
       q.ready = false;
       this.#pendingKicks.delete(index);
+      const stopping = this.device.stopQueue(index).then(
+        () => undefined,
+        (e: unknown) => this.#fail(`Cannot stop queue ${index}: ${e instanceof Error ? e.message : String(e)}`),
+      );
+      q.stopping = stopping;
       this.#track(
-        this.device.stopQueue(index).then(
-          () => undefined,
-          (e: unknown) => this.#fail(`Cannot stop queue ${index}: ${e instanceof Error ? e.message : String(e)}`),
-        ),
+        stopping.then(() => {
+          if (q.stopping === stopping) q.stopping = undefined;
+        }),
       );
       return;
     }
@@ -384,6 +390,22 @@ export class VirtioMmioTransport {
     if (q.ready) return;
     if ((this.#status & VIRTIO_STATUS.FEATURES_OK) === 0) return this.#ignore(`Cannot enable queue ${index} before FEATURES_OK`);
     if ((this.#status & VIRTIO_STATUS.FAILED) !== 0) return this.#ignore(`Cannot enable queue ${index}: the driver set FAILED`);
+    const stopping = q.stopping;
+    if (stopping !== undefined) {
+      // QueueReady=1 while the previous stop still drains: the register reads back the value
+      // written (spec 4.2.2), and the device starts the queue as soon as the drain completes.
+      q.ready = true;
+      this.#track(
+        stopping.then(() => {
+          if (q.ready && q.stopping === undefined) this.#startQueue(index, q);
+        }),
+      );
+      return;
+    }
+    this.#startQueue(index, q);
+  }
+
+  #startQueue(index: number, q: QueueRegs): void {
     const desc = addressFromHalves(q.descLo, q.descHi);
     const avail = addressFromHalves(q.driverLo, q.driverHi);
     const used = addressFromHalves(q.deviceLo, q.deviceHi);
@@ -404,6 +426,7 @@ export class VirtioMmioTransport {
       });
       q.ready = true;
     } catch (e) {
+      q.ready = false;
       // VirtioError E_VIRTIO_RING for a bad geometry; anything else is treated the same way:
       // the guest's input must never crash the VMM.
       this.#fail(e instanceof Error ? e.message : String(e));

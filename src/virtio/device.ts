@@ -15,8 +15,10 @@ import type { GuestMemory } from '../memory/guest-memory';
  * - `startQueue` validates the ring geometry (size a power of two <= maxQueueSize, alignment,
  *   rings inside guest memory) and throws `VirtioError` (code E_VIRTIO_RING) if it is wrong.
  * - `stopQueue` stops popping new chains, waits for every popped request to complete (each
- *   completed exactly once, its used entry written), and resolves to the next avail index the
- *   device would have read (vhost-user GET_VRING_BASE).
+ *   completed exactly once, its used entry written), leaves the ring asking the driver for kicks
+ *   again (NO_NOTIFY clear, avail_event current), and resolves to the next avail index the
+ *   device would have read (vhost-user GET_VRING_BASE). A transport must not start the same
+ *   queue again before the returned promise settles.
  * - `reset` stops every queue the same way and returns the device to its initial state.
  * - On ring corruption the device stops the queue, sets `needsReset` and calls
  *   the callback registered with `onConfigChange`, so the transport can raise a config interrupt

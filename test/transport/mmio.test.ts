@@ -244,13 +244,14 @@ describe('virtio-mmio v2 register model (src/transport/mmio.ts)', function () {
       expect([dev.started.length, mmio.read(MMIO_REG.STATUS) & S.DEVICE_NEEDS_RESET]).to.deep.equal([0, S.DEVICE_NEEDS_RESET]);
     });
 
-    it('queue registers are frozen while the queue is ready', function () {
+    it('queue registers are frozen while the queue is ready', async function () {
       const { mmio, dev } = setup();
       negotiate(mmio, VERSION_1);
       setQueue(mmio, 0, 16, 0x1000, 0x2000, 0x3000);
       mmio.write(MMIO_REG.QUEUE_NUM, 8);
       mmio.write(MMIO_REG.QUEUE_READY, 0);
       mmio.write(MMIO_REG.QUEUE_READY, 1);
+      await mmio.settled();
       expect(dev.started.map((s) => s.q.size)).to.deep.equal([16, 16]);
       expect(dev.stopped).to.deep.equal([0]);
     });
@@ -390,6 +391,20 @@ describe('virtio-mmio v2 register model (src/transport/mmio.ts)', function () {
       expect(rc?.data.equals(data)).to.equal(true);
       expect(irqs.n).to.be.greaterThanOrEqual(2);
       expect(mmio.read(MMIO_REG.INTERRUPT_STATUS) & MMIO_INT.VRING).to.equal(MMIO_INT.VRING);
+    });
+
+    it('QueueReady 0 then 1 before the stop has drained reads back 1 and restarts the queue after the drain, without NEEDS_RESET', async function () {
+      const { mmio, drv } = await blkSetup();
+      mmio.write(MMIO_REG.QUEUE_SEL, 0);
+      mmio.write(MMIO_REG.QUEUE_READY, 0);
+      mmio.write(MMIO_REG.QUEUE_READY, 1);
+      expect(mmio.read(MMIO_REG.QUEUE_READY)).to.equal(1);
+      await mmio.settled();
+      expect(mmio.read(MMIO_REG.STATUS) & S.DEVICE_NEEDS_RESET).to.equal(0);
+      const r = drv.submit(0, { type: VIRTIO_BLK_T.IN, sector: 0, readLen: 512 });
+      mmio.write(MMIO_REG.QUEUE_NOTIFY, 0);
+      const [rc] = await drv.complete([r]);
+      expect(rc?.status).to.equal(VIRTIO_BLK_S.OK);
     });
 
     it('a read past the end of the disk completes with IOERR', async function () {
