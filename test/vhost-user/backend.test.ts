@@ -61,6 +61,7 @@ describe('vhost-user back-end state machine', () => {
 
     it('SET_CONFIG changes the writeback field once CONFIG_WCE is negotiated', async () => {
       await fe.send(VHOST_USER.SET_FEATURES, encodeU64(fe.dev.deviceFeatures));
+      expect(fe.dev.writeback, 'writeback before SET_CONFIG').to.equal(1);
       await fe.send(VHOST_USER.SET_CONFIG, encodeConfig({ offset: 0x20, flags: 0, data: Buffer.from([0]) }));
       expect(fe.dev.writeback).to.equal(0);
       const cfg = replyConfig(await fe.send(VHOST_USER.GET_CONFIG, encodeConfig({ offset: 0x20, flags: 0, data: Buffer.alloc(1) })));
@@ -180,7 +181,7 @@ describe('vhost-user back-end state machine', () => {
       await expectFailure(77, Buffer.alloc(0), /request 77 failed: .*not supported/);
     });
 
-    it('a known request this back-end does not implement (GET_INFLIGHT_FD was never offered)', async () => {
+    it('a known request this back-end does not implement (SET_LOG_BASE: LOG_SHMFD was never offered), closing its fd', async () => {
       await expectFailure(VHOST_USER.SET_LOG_BASE, encodeU64(0n), /SET_LOG_BASE failed/, [dummyFd()]);
     });
 
@@ -216,12 +217,36 @@ describe('vhost-user back-end state machine', () => {
       await expectFailure(VHOST_USER.SET_MEM_TABLE, encodeMemTable(fe.oneRegion()), /1 regions but 0 file descriptors/);
     });
 
-    it('vring numbers out of range or not a power of two', async () => {
+    it('ring sizes that are 0, not a power of two or above the maximum', async () => {
       await expectFailure(VHOST_USER.SET_VRING_NUM, encodeVringState({ index: 0, num: 0 }), /0 is not a power of two in 1\.\.16/);
       await expectFailure(VHOST_USER.SET_VRING_NUM, encodeVringState({ index: 0, num: 12 }), /12 is not a power of two/);
       await expectFailure(VHOST_USER.SET_VRING_NUM, encodeVringState({ index: 0, num: 32 }), /32 is not a power of two in 1\.\.16/);
-      await expectFailure(VHOST_USER.SET_VRING_NUM, encodeVringState({ index: 5, num: 8 }), /vring 5 does not exist \(the device has 1\)/);
+    });
+
+    it('a vring index the device does not have, in every per-ring request', async () => {
+      const missing = /vring 5 does not exist \(the device has 1\)/;
+      await expectFailure(VHOST_USER.SET_VRING_NUM, encodeVringState({ index: 5, num: 8 }), missing);
+      await expectFailure(VHOST_USER.SET_VRING_BASE, encodeVringState({ index: 5, num: 0 }), missing);
+      await expectFailure(VHOST_USER.SET_VRING_ENABLE, encodeVringState({ index: 5, num: 1 }), missing);
+      await expectFailure(VHOST_USER.SET_VRING_CALL, encodeU64(5n), missing, [dummyFd()]);
+      await expectFailure(VHOST_USER.SET_VRING_KICK, encodeU64(5n), missing, [dummyFd()]);
+    });
+
+    it('a vring base above 65535 (not a split-ring index)', async () => {
       await expectFailure(VHOST_USER.SET_VRING_BASE, encodeVringState({ index: 0, num: 0x1_0000 }), /65536 is not a split-ring index/);
+    });
+
+    it('a SET_VRING_NUM that makes already-checked ring addresses overflow the memory table', async () => {
+      await fe.send(VHOST_USER.SET_FEATURES, encodeU64(fe.dev.deviceFeatures));
+      await fe.send(VHOST_USER.SET_MEM_TABLE, encodeMemTable(fe.oneRegion()), { fds: [dummyFd()] });
+      const q = fe.queue(0);
+      // A used ring 16 bytes before the end of RAM: room for 1 entry (6 + 8 bytes), not for 16.
+      const used = fe.user(GUEST_BASE + fe.ram.length - 16);
+      const addr = encodeVringAddr({ index: 0, flags: 0, desc: fe.user(q.descTable), used, avail: fe.user(q.availRing), log: 0n });
+      expect(replyU64(await fe.send(VHOST_USER.SET_VRING_ADDR, addr, { needReply: true }))).to.equal(0n);
+      await expectFailure(VHOST_USER.SET_VRING_NUM, encodeVringState({ index: 0, num: 16 }), /vring 0 used ring: user address .* is outside the memory table/);
+      await fe.send(VHOST_USER.SET_VRING_KICK, encodeU64(0n), { fds: [dummyFd()] });
+      expect(fe.backend.isRunning(0), 'a ring without a valid size does not start').to.equal(false);
     });
 
     it('ring addresses outside the memory table', async () => {

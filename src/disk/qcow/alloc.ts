@@ -4,6 +4,8 @@
  * parsed header, L1 words, L2 cache, backing image) and adds a `RefcountManager`.
  *
  * Ordering (reference/qcow2.md section 5.2, as QEMU's qcow2-cluster.c / qcow2-refcount.c):
+ * (L2 tables are written back by the L2 cache, which keeps a table dirty and pinned until its
+ * write has landed and serialises writes of one table; the writer pins the table it changes.)
  * - Allocation: refcount +1 in the refcount cache; data (with COW head/tail) written; then the L2
  *   entry is set in the L2 cache. Every L2 table write (flush or eviction) is preceded by writing
  *   the dirty refcount blocks and an fdatasync, so refcounts and data are durable before the L2
@@ -326,8 +328,6 @@ export class Qcow2Writer implements ByteReader {
     const s = this.s;
     const cs = s.clusterSize;
     const ci = Math.floor(off / cs);
-    const clusterStart = ci * cs;
-    const inCluster = off - clusterStart;
     const l1i = Math.floor(ci / s.l2Entries);
     const l2i = ci - l1i * s.l2Entries;
     const t = await this.#writableTable(l1i);

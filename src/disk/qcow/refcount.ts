@@ -528,9 +528,15 @@ export class RefcountManager {
     await this.release(oldOffset, oldClusters * cs);
   }
 
-  /** Writes every dirty refcount block (no sync: the caller orders it). */
+  /**
+   * Writes every dirty refcount block and waits for every block write in flight (no sync: the
+   * caller orders it). A block that a concurrent flush (an L2 eviction, outside the metadata lock)
+   * has already marked clean may still be on its way to the file: the caller's sync must come
+   * after it lands, or a reference could become durable before the refcount it relies on.
+   */
   async flush(): Promise<void> {
     for (const [k, b] of this.#cache) if (b.dirty) await this.#writeBlock(k, b);
+    while (this.#writing.size > 0) await Promise.all([...this.#writing.values()]);
   }
 
   /** Drops the cache without writing (after a failed write, or before a full rebuild). */

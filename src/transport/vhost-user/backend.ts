@@ -261,6 +261,9 @@ export class VhostUserBackend {
           throw failure(`Cannot set vring ${s.index} size: ${s.num} is not a power of two in 1..${max}`, { num: s.num });
         }
         if (v.running) throw failure(`Cannot set vring ${s.index} size: the ring is running`);
+        // Addresses checked for the old size must still fit the new one (fail this message, not a
+        // later kick).
+        if (v.addr !== undefined && this.#table !== undefined) this.#translate(v, v.addr, s.num);
         v.num = s.num;
         return undefined;
       }
@@ -269,10 +272,9 @@ export class VhostUserBackend {
         const v = this.#vring(a.index, m.request);
         // Check now, so a bad address fails this message (REPLY_ACK) and not a later kick.
         this.#translate(v, a);
-        const wasRunning = v.running;
-        if (wasRunning) await this.#stopQueue(a.index, v);
+        if (v.running) await this.#stopQueue(a.index, v);
         v.addr = a;
-        if (wasRunning) this.#maybeStart(a.index, v);
+        this.#maybeStart(a.index, v); // no-op unless the ring is started, enabled and sized
         return undefined;
       }
       case R.SET_VRING_BASE: {
@@ -369,10 +371,10 @@ export class VhostUserBackend {
   }
 
   /** Guest physical addresses of a vring from its user addresses, checked against the table. */
-  #translate(v: Vring, a: VringAddr): { desc: number; avail: number; used: number } {
+  #translate(v: Vring, a: VringAddr, num = v.num): { desc: number; avail: number; used: number } {
     const t = this.#table;
     if (t === undefined) throw failure(`Cannot set vring ${a.index} addresses: no memory table yet (SET_MEM_TABLE first)`);
-    const n = v.num > 0 ? v.num : 1;
+    const n = num > 0 ? num : 1;
     return {
       desc: t.userToGuest(a.desc, 16 * n, `vring ${a.index} descriptor table`),
       avail: t.userToGuest(a.avail, 6 + 2 * n, `vring ${a.index} avail ring`),
