@@ -61,7 +61,7 @@ test: build apt-qemu-system
 demo: build apt-qemu-system guest
 	bash scripts/demo.sh
 
-bench: build
+bench: build apt-qemu-system guest
 	node build/src/bench/main.js
 
 fuzz: build

@@ -18,12 +18,14 @@ import { formatTable, type BenchRow, type BenchSuite } from './suite';
 import { readSuite } from './read';
 import { deviceSuite } from './device-suite';
 import { writeSuite } from './write';
+import { guestSuite } from './guest';
 
 /** Every suite, in table order. Add a suite with one line here. */
 export const SUITES: BenchSuite[] = [
   readSuite,
   writeSuite,
   deviceSuite,
+  guestSuite,
 ];
 
 async function main(): Promise<number> {
