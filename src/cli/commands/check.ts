@@ -4,7 +4,7 @@
  * 0 clean (or clean after repair), 1 the check could not be completed, 2 corruptions, 3 leaks
  * only, 63 the format cannot be checked (raw, qcow).
  */
-import { checkQcow2, checkExitCode, type CheckResult, type RepairMode } from '../../disk/qcow/check';
+import { checkQcow2, checkExitCode, type CheckProgress, type CheckResult, type RepairMode } from '../../disk/qcow/check';
 import { NodeImageFile } from '../../disk/file';
 import { probeFormat } from '../../disk/open';
 import { parseArgs, parseFormat } from '../args';
@@ -63,6 +63,21 @@ function report(io: CliIO, path: string, r: CheckResult, fix: RepairMode | undef
   else if (!quiet) io.stdout.write(checkText(r, fix));
 }
 
+/**
+ * Progress of a long check on a TTY (stderr, so stdout stays qemu-img's report): the share of
+ * the active L1 table walked, rewritten in place at most every 0.5% and erased when done.
+ */
+function checkProgress(io: CliIO, wanted: boolean): CheckProgress | undefined {
+  if (!wanted || io.stderr.isTTY !== true) return undefined;
+  let last = -1;
+  return (done, total) => {
+    const pct = (done / total) * 100;
+    if (pct - last < 0.5 && done < total) return;
+    last = pct;
+    io.stderr.write(`    (${pct.toFixed(2)}/100%)${done === total ? '\r                \r' : '\r'}`);
+  };
+}
+
 export const checkCommand: Command = {
   name: 'check',
   summary: 'check a qcow2 image for leaks and corruption (-r repairs)',
@@ -83,7 +98,7 @@ export const checkCommand: Command = {
     }
     let res: CheckResult;
     try {
-      res = await checkQcow2(path, fix);
+      res = await checkQcow2(path, fix, checkProgress(io, output === 'human' && !a.has('q')));
     } catch (e) {
       io.stderr.write(`vblk: Could not check ${path}: ${e instanceof Error ? e.message : String(e)}\n`);
       return 1;

@@ -132,6 +132,7 @@ class Walker {
     readonly h: Qcow2Header,
     readonly fileSize: number,
     res: CheckResult,
+    readonly progress?: CheckProgress,
   ) {
     this.res = res;
     this.cs = h.clusterSize;
@@ -155,6 +156,7 @@ class Walker {
     if (l1Size === 0) return;
     const l1 = await readEntries(this.file, l1Offset, l1Size);
     for (let i = 0; i < l1Size; i++) {
+      if (active) this.progress?.(i + 1, l1Size);
       const e = l1[i] ?? 0n;
       if (e === 0n) continue;
       if (e & L1E_RESERVED_MASK) {
@@ -231,9 +233,9 @@ interface Session {
   snapshots: Snapshot[];
 }
 
-async function walk(file: ImageFile, h: Qcow2Header, res: CheckResult): Promise<Session> {
+async function walk(file: ImageFile, h: Qcow2Header, res: CheckResult, progress?: CheckProgress): Promise<Session> {
   const fileSize = await file.size();
-  const walker = new Walker(file, h, fileSize, res);
+  const walker = new Walker(file, h, fileSize, res, progress);
   walker.inc(0, h.clusterSize);
   await walker.l1(h.l1TableOffset, h.l1Size, true);
   const snaps = h.nbSnapshots > 0 ? await readSnapshots(file, h) : { list: [], bytes: 0 };
@@ -402,10 +404,16 @@ async function rebuild(s: Session): Promise<void> {
 /**
  * Checks (and with `fix`, repairs) the qcow2 image open in `file` whose header is `h`.
  */
-export async function checkQcow2File(file: ImageFile, h: Qcow2Header, fix?: RepairMode): Promise<CheckResult> {
+/**
+ * Called while the active L1 table is walked (the long part of a check): `done` of `total` L1
+ * entries have been visited. `vblk check` turns it into progress on a TTY.
+ */
+export type CheckProgress = (done: number, total: number) => void;
+
+export async function checkQcow2File(file: ImageFile, h: Qcow2Header, fix?: RepairMode, progress?: CheckProgress): Promise<CheckResult> {
   const res = emptyResult();
   res.totalClusters = Math.ceil(h.size / h.clusterSize);
-  let s = await walk(file, h, res);
+  let s = await walk(file, h, res, progress);
   const flags = { rebuild: countRefblocks(s, res) };
   const pre = { ...res, messages: [...res.messages] };
   let highest = await compare(s, res, undefined, flags);
@@ -449,13 +457,13 @@ export async function checkQcow2File(file: ImageFile, h: Qcow2Header, fix?: Repa
  * Opens `path` and checks it (`fix` opens it writable). Images vblk cannot check (unknown
  * incompatible features, not qcow2) reject with a DiskError; the CLI maps that to exit 1.
  */
-export async function checkQcow2(path: string, fix?: RepairMode): Promise<CheckResult> {
+export async function checkQcow2(path: string, fix?: RepairMode, progress?: CheckProgress): Promise<CheckResult> {
   const file = await NodeImageFile.open(path, { writable: fix !== undefined });
   try {
     const h = await readQcow2Header(file, path, await file.size());
     if (h.incompatibleFeatures & ~INCOMPAT_KNOWN) assertReadable(path, h);
     if (h.bitmaps) throw new DiskError('E_QCOW_UNSUPPORTED', `Cannot check ${path}: images with persistent bitmaps are not supported by vblk check`);
-    return await checkQcow2File(file, h, fix);
+    return await checkQcow2File(file, h, fix, progress);
   } finally {
     await file.close();
   }
