@@ -12,7 +12,7 @@ export { Qcow2Header, QcowHeader } from './disk/qcow/header';
 export { openQcow2, openQcow2State, qcow2ReadOnlyOps, Qcow2State } from './disk/qcow/qcow2';
 export { openQcow1, qcowReadOnlyOps, QcowState } from './disk/qcow/qcow1';
 export { L2Cache, L2Table } from './disk/qcow/l2-cache';
-// read-write qcow2 / qcow, create, check, refcounts, fault injection (src/disk/qcow, H3)
+// read-write qcow2 / qcow, create, check, refcounts, fault injection (src/disk/qcow)
 export { openQcow2ReadWrite, qcow2ReadWriteOps } from './disk/qcow/qcow2-rw';
 export { Qcow2Writer } from './disk/qcow/alloc';
 export { openQcow1ReadWrite, qcowReadWriteOps, QcowWriter } from './disk/qcow/qcow1-rw';

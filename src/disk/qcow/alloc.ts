@@ -1,6 +1,6 @@
 /**
  * qcow2 write path: cluster and L2 allocation, copy-on-write, zero clusters, discard, and the
- * flush that orders metadata for crash consistency. `Qcow2Writer` wraps H1's `Qcow2State` (the
+ * flush that orders metadata for crash consistency. `Qcow2Writer` wraps the read path's `Qcow2State` (the
  * parsed header, L1 words, L2 cache, backing image) and adds a `RefcountManager`.
  *
  * Ordering (reference/qcow2.md section 5.2, as QEMU's qcow2-cluster.c / qcow2-refcount.c):

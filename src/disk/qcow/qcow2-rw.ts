@@ -1,6 +1,6 @@
 /**
  * The read-write qcow2 ops table and its opener (plugged into `FORMATS.qcow2.readWrite` in
- * open.ts). Reads go through H1's `Qcow2State` (which sees the write path's dirty L2 tables in
+ * open.ts). Reads go through the read path's `Qcow2State` (which sees the write path's dirty L2 tables in
  * the shared cache); writes, zeroes, discards and flushes go through `Qcow2Writer` (alloc.ts).
  *
  * Refused for writing: the corrupt bit (repair first with `vblk check -r all`), extended L2
