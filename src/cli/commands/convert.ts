@@ -8,7 +8,7 @@
 import { openDiskImage } from '../../disk/open';
 import { readBytesAt } from '../../disk/qcow/chain';
 import { parseArgs, parseFormat } from '../args';
-import { UsageError, type Command, type CliIO } from '../command';
+import { UsageError, progressPrinter, type Command, type CliIO } from '../command';
 import { OUTPUT_FORMATS, type OutputWriter } from '../output-writers';
 import type { DiskImage } from '../../disk/disk-image';
 
@@ -54,23 +54,6 @@ export async function copyImage(src: DiskImage, out: OutputWriter, progress?: (d
     }
   };
   await Promise.all(Array.from({ length: IN_FLIGHT }, () => worker()));
-}
-
-function progressPrinter(io: CliIO, size: number): { update(done: number): void; finish(): void } {
-  const tty = io.stdout.isTTY === true;
-  let last = -1;
-  return {
-    update(done) {
-      if (!tty) return;
-      const pct = size === 0 ? 100 : (done / size) * 100;
-      if (pct - last < 0.5 && pct < 100) return;
-      last = pct;
-      io.stdout.write(`    (${pct.toFixed(2)}/100%)\r`);
-    },
-    finish() {
-      io.stdout.write('    (100.00/100%)\n');
-    },
-  };
 }
 
 export const convertCommand: Command = {
