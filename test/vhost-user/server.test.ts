@@ -263,6 +263,36 @@ describe('vhost-user server over a Unix socket', function () {
     fe.close();
   });
 
+  it('accept failing for lack of descriptors: one log line, no busy loop, and the connection is served once fds free up', async () => {
+    await startServer();
+    const fillers: number[] = [];
+    let fe: SocketFrontEnd | undefined;
+    try {
+      // Exhaust this process's descriptors, keeping exactly one for the client's socket.
+      for (;;) {
+        try {
+          fillers.push(fs.openSync('/dev/null', 'r'));
+        } catch {
+          break;
+        }
+      }
+      fs.closeSync(fillers.pop() as number);
+      fe = new SocketFrontEnd(sock); // connects (the kernel queues it); the server cannot accept
+      const cpu0 = process.cpuUsage();
+      await new Promise((r) => setTimeout(r, 300));
+      const cpu = process.cpuUsage(cpu0);
+      expect(logs).to.have.length(1);
+      expect(logs[0]).to.match(/accept failed \(retrying every 100 ms\): .*EMFILE/);
+      expect(server?.sessions).to.equal(0);
+      expect((cpu.user + cpu.system) / 1000, 'ms of CPU in 300 ms (a busy loop would use ~300)').to.be.below(150);
+    } finally {
+      for (const fd of fillers) fs.closeSync(fd);
+    }
+    expect(await fe.requestU64(VHOST_USER.GET_QUEUE_NUM)).to.equal(1n);
+    expect(server?.sessions).to.equal(1);
+    fe.close();
+  });
+
   it('a message cut short by a disconnect: one log line, and the server keeps serving', async () => {
     await startServer();
     const fe = new SocketFrontEnd(sock);

@@ -35,6 +35,8 @@ const TOKEN_LISTEN = 1;
 const TOKEN_CONN = 2;
 const FIRST_KICK_TOKEN = 16;
 const RECV_CHUNK = 8192;
+/** Pause before accepting again after accept failed (descriptor exhaustion). */
+const ACCEPT_RETRY_MS = 100;
 
 /**
  * mmap-based region mapper (MAP_SHARED, read-write). A file (memfd, hugetlbfs, tmpfs file) shorter
@@ -83,6 +85,7 @@ export class VhostUserServer extends EventEmitter {
   #session: Session | undefined;
   #closing: Promise<void> | undefined;
   #sessions = 0;
+  #acceptFailing = false;
 
   private constructor(opts: VhostUserServerOptions, listenFd: number) {
     super();
@@ -156,12 +159,20 @@ export class VhostUserServer extends EventEmitter {
     try {
       fd = acceptConnection(this.#listenFd);
     } catch (e) {
-      this.#log(`vhost-user: accept failed: ${e instanceof Error ? e.message : String(e)}`);
+      // EMFILE/ENFILE leave the connection in the backlog: re-arming at once would report it
+      // again at once (a busy loop). Log once per failure streak and retry after a pause.
+      if (!this.#acceptFailing) this.#log(`vhost-user: accept failed (retrying every ${ACCEPT_RETRY_MS} ms): ${e instanceof Error ? e.message : String(e)}`);
+      this.#acceptFailing = true;
+      setTimeout(() => {
+        if (!this.#closing) this.#poller.rearm(this.#listenFd, TOKEN_LISTEN);
+      }, ACCEPT_RETRY_MS).unref();
+      return;
     }
     if (fd === undefined) {
       this.#poller.rearm(this.#listenFd, TOKEN_LISTEN);
       return;
     }
+    this.#acceptFailing = false;
     this.#sessions++;
     const env: BackendEnv = {
       mapper: this.#mapper,
