@@ -108,3 +108,27 @@ export async function closingOnFailure<T>(file: ImageFile, open: () => Promise<T
     throw e;
   }
 }
+
+/**
+ * Writes `buf` at byte `off` one cluster-sized piece at a time, the pieces in parallel. Rejects
+ * with the first failure only after every piece has settled, so no write of this request is
+ * still running when the caller sees the error.
+ */
+export async function writeByCluster(
+  off: number,
+  buf: Uint8Array,
+  clusterSize: number,
+  writeOne: (off: number, piece: Uint8Array) => Promise<void>,
+): Promise<void> {
+  if ((off % clusterSize) + buf.length <= clusterSize) return writeOne(off, buf);
+  const parts: Promise<void>[] = [];
+  for (let pos = 0; pos < buf.length; ) {
+    const cur = off + pos;
+    const n = Math.min(buf.length - pos, clusterSize - (cur % clusterSize));
+    parts.push(writeOne(cur, buf.subarray(pos, pos + n)));
+    pos += n;
+  }
+  const results = await Promise.allSettled(parts);
+  const bad = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (bad) throw bad.reason;
+}

@@ -16,7 +16,7 @@ import { DiskImage } from '../disk-image';
 import type { ImageFile } from '../file';
 import type { DiskImageOps } from '../types';
 import { SECTOR_SIZE } from '../types';
-import { readBytesAt } from './chain';
+import { readBytesAt, writeByCluster } from './chain';
 import { inflateCluster } from './compress';
 import { L2Table } from './l2-cache';
 import { Mutex } from './alloc';
@@ -233,18 +233,7 @@ export const qcowReadWriteOps: DiskImageOps<QcowWriter> = {
   },
   async writeSector(disk, sector, buf) {
     const w = disk.priv;
-    const cs = w.s.clusterSize;
-    const off = sector * SECTOR_SIZE;
-    const parts: Promise<void>[] = [];
-    for (let pos = 0; pos < buf.length; ) {
-      const cur = off + pos;
-      const n = Math.min(buf.length - pos, cs - (cur % cs));
-      parts.push(w.writeInCluster(cur, buf.subarray(pos, pos + n)));
-      pos += n;
-    }
-    const results = await Promise.allSettled(parts);
-    const bad = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-    if (bad) throw bad.reason;
+    await writeByCluster(sector * SECTOR_SIZE, buf, w.s.clusterSize, (off, piece) => w.writeInCluster(off, piece));
     return buf.length;
   },
   flush(disk) {

@@ -18,17 +18,7 @@ import { openQcow2State, type Qcow2OpenOptions } from './qcow2';
 import { RefcountManager } from './refcount';
 import { Qcow2Writer } from './alloc';
 import { repairRefcounts } from './check';
-
-/** Splits `[off, off+len)` at cluster boundaries. */
-function* clusterPieces(off: number, len: number, cs: number): Generator<[number, number, number]> {
-  let pos = 0;
-  while (pos < len) {
-    const cur = off + pos;
-    const n = Math.min(len - pos, cs - (cur % cs));
-    yield [cur, pos, n];
-    pos += n;
-  }
-}
+import { writeByCluster } from './chain';
 
 /** The qcow2 read-write ops table. */
 export const qcow2ReadWriteOps: DiskImageOps<Qcow2Writer> = {
@@ -40,17 +30,7 @@ export const qcow2ReadWriteOps: DiskImageOps<Qcow2Writer> = {
   },
   async writeSector(disk, sector, buf) {
     const w = disk.priv;
-    const off = sector * SECTOR_SIZE;
-    const cs = w.clusterSize;
-    if (off % cs + buf.length <= cs) {
-      await w.writeInCluster(off, buf);
-    } else {
-      const parts: Promise<void>[] = [];
-      for (const [cur, pos, n] of clusterPieces(off, buf.length, cs)) parts.push(w.writeInCluster(cur, buf.subarray(pos, pos + n)));
-      const results = await Promise.allSettled(parts);
-      const bad = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
-      if (bad) throw bad.reason;
-    }
+    await writeByCluster(sector * SECTOR_SIZE, buf, w.clusterSize, (off, piece) => w.writeInCluster(off, piece));
     return buf.length;
   },
   flush(disk) {
