@@ -46,7 +46,7 @@ interface PendingWrite {
 }
 
 /** Deterministic 32-bit PRNG (mulberry32) so a failing crash case can be replayed from its seed. */
-function mulberry32(seed: number): () => number {
+export function mulberry32(seed: number): () => number {
   let a = seed >>> 0;
   return () => {
     a = (a + 0x6d2b79f5) >>> 0;

@@ -10,6 +10,7 @@ import * as fs from 'node:fs';
 import { requireQemu, useTempDir, createImage, qemuImg, qemuIo, run, writePatterns, type PatternWrite } from '../helpers/qemu';
 import { vblk } from '../cli/run-vblk';
 import { Qcow2Header } from '../../src/disk/qcow/header';
+import type { MapEntry } from '../../src/cli/commands/map';
 
 const MiB = 1 << 20;
 
@@ -261,16 +262,8 @@ const RECIPES: Recipe[] = [
   },
 ];
 
-/** One entry of `map --output=json`. */
-interface MapRun {
-  start: number;
-  length: number;
-  depth: number;
-  present: boolean;
-  zero: boolean;
-  data: boolean;
-  offset?: number;
-}
+/** One entry of `map --output=json` (qemu-img's or ours). */
+type MapRun = Omit<MapEntry, 'filename'>;
 
 /**
  * qemu-img's map with the host-hole knowledge removed: an allocated cluster it reports as

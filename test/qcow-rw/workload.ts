@@ -5,18 +5,10 @@
 import * as fs from 'node:fs';
 import type { DiskImage } from '../../src/disk/disk-image';
 import { run } from '../helpers/qemu';
+import { mulberry32 } from '../../src/disk/faulty-file';
 
-/** Deterministic PRNG (mulberry32). */
-export function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+/** Deterministic PRNG (mulberry32, the one FaultyFile uses): a failing seed replays exactly. */
+export const rng: (seed: number) => () => number = mulberry32;
 
 export type Op =
   | { kind: 'write'; off: number; len: number; byte: number }
