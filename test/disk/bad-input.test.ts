@@ -135,8 +135,10 @@ describe('bad input: exact errors', function () {
   });
 
   it('external data file', async () => {
-    const f = createImage(tmp.file('df.qcow2'), '1M', { options: { data_file: 'df.data' } });
-    await expectReject(openDiskImage(f, { readonly: true }), 'E_QCOW_UNSUPPORTED', `Cannot open ${f}: unsupported qcow2 feature: external data file (df.data)`);
+    // An absolute name: qemu-img resolves a relative data_file against its working directory.
+    const data = tmp.file('df.data');
+    const f = createImage(tmp.file('df.qcow2'), '1M', { options: { data_file: data } });
+    await expectReject(openDiskImage(f, { readonly: true }), 'E_QCOW_UNSUPPORTED', `Cannot open ${f}: unsupported qcow2 feature: external data file (${data})`);
   });
 
   it('an L1 entry with an unaligned L2 offset', async () => {
