@@ -6,10 +6,8 @@
  *   VBLK_BENCH_ONLY   comma-separated suite names to run
  * Progress goes to stderr when it is a TTY.
  */
-// Page-cache reads are CPU-bound copies: about one pool thread per CPU is fastest (measured:
-// 2 threads beat 16 by 30% at QD32 on 2 CPUs). Set UV_THREADPOOL_SIZE to override.
+import '../threadpool'; // first: sizes the libuv pool before any fs call
 import * as os from 'node:os';
-process.env['UV_THREADPOOL_SIZE'] ??= String(Math.min(8, Math.max(2, os.cpus().length)));
 
 import * as fs from 'node:fs';
 import * as path from 'node:path';

@@ -6,10 +6,7 @@
  * Errors are printed as ONE line, `vblk: <message>`, never a stack trace (set VBLK_DEBUG=1 for
  * the stack). Exit codes follow qemu-img (see each command).
  */
-// Page-cache reads are CPU-bound copies: about one pool thread per CPU is fastest (measured:
-// 2 threads beat 16 by 30% at QD32 on 2 CPUs). Set UV_THREADPOOL_SIZE to override.
-import * as os from 'node:os';
-process.env['UV_THREADPOOL_SIZE'] ??= String(Math.min(8, Math.max(2, os.cpus().length)));
+import '../threadpool'; // first: sizes the libuv pool before any fs call
 
 import type { Command, CliIO } from './command';
 import { infoCommand } from './commands/info';
