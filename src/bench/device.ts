@@ -14,6 +14,7 @@ import { VirtioBlkDevice } from '../virtio/blk';
 import { MockVirtqueue } from '../virtio/mock-driver';
 import { VIRTQ_DESC_F } from '../virtio/chain';
 import { VIRTIO_BLK_T, VIRTIO_BLK_S } from '../virtio/blk-config';
+import { mmap, munmap } from '../native/libc';
 
 export interface DeviceBenchOptions {
   /** Image to open (ignored when `disk` is given). */
@@ -97,6 +98,26 @@ class OffsetGen {
   }
 }
 
+/** Page-aligned memory for the bench's guest pages, released after a run. */
+interface GuestRam {
+  readonly buffer: Buffer;
+  release(): void;
+}
+
+/**
+ * Anonymous mmap'd memory, as a VMM's guest RAM is (page-aligned, like the memfd a vhost-user
+ * front-end shares). Without the native library, a plain Buffer (16-byte aligned only).
+ */
+function guestRam(bytes: number): GuestRam {
+  const length = Math.ceil(bytes / 4096) * 4096;
+  try {
+    const m = mmap({ length });
+    return { buffer: m.buffer, release: () => munmap(m) };
+  } catch {
+    return { buffer: Buffer.alloc(length), release: () => undefined };
+  }
+}
+
 function throughput(requests: number, ns: bigint, bs: number): Throughput {
   const seconds = Number(ns) / 1e9;
   return { requests, seconds, iops: requests / seconds, mbps: (requests * bs) / seconds / 1e6 };
@@ -118,8 +139,12 @@ async function runDisk(disk: DiskImage, p: Pattern, seconds: number): Promise<Th
   const deadline = process.hrtime.bigint() + BigInt(Math.round(seconds * 1e9));
   let done = 0;
   const start = process.hrtime.bigint();
+  // One page-aligned buffer per worker, like the device side's guest pages (see guestRam).
+  const arena = guestRam(p.qd * p.bs);
+  let nextBuf = 0;
   const worker = async (): Promise<void> => {
-    const buf = Buffer.alloc(p.bs, 0x5a);
+    const buf = arena.buffer.subarray(nextBuf * p.bs, (nextBuf + 1) * p.bs).fill(0x5a);
+    nextBuf++;
     while (process.hrtime.bigint() < deadline) {
       const s = gen.next();
       if (p.write) await disk.writeSector(s, buf);
@@ -127,7 +152,11 @@ async function runDisk(disk: DiskImage, p: Pattern, seconds: number): Promise<Th
       done++;
     }
   };
-  await Promise.all(Array.from({ length: p.qd }, worker));
+  try {
+    await Promise.all(Array.from({ length: p.qd }, worker));
+  } finally {
+    arena.release();
+  }
   return throughput(done, process.hrtime.bigint() - start, p.bs);
 }
 
@@ -137,24 +166,28 @@ async function runDisk(disk: DiskImage, p: Pattern, seconds: number): Promise<Th
  */
 async function runDevice(disk: DiskImage, p: Pattern, seconds: number): Promise<Throughput> {
   const qsize = Math.max(256, p.qd);
-  const slotBytes = 64 + p.bs + 4096;
   const ramBase = 0x100000;
   const ringsBytes = MockVirtqueue.footprint(qsize) + 8192;
-  const ram = Buffer.alloc(ringsBytes + p.qd * slotBytes + 4096);
+  // Guest RAM layout, page-aligned like a guest kernel's bio pages: the rings, then one 4 KiB
+  // control page per slot ([0,16) header, [16,64) indirect table of 3 x 16, [64] status), then
+  // the data buffers. An unaligned data buffer would make every copy straddle an extra page and
+  // measure the layout, not the device.
+  const ctlBase = Math.ceil((ramBase + ringsBytes) / 4096) * 4096;
+  const dataBase = ctlBase + p.qd * 4096;
+  const arena = guestRam(dataBase - ramBase + p.qd * p.bs);
+  const ram = arena.buffer;
   const memory = new GuestMemory([{ guestAddr: ramBase, buffer: ram }]);
   const dev = new VirtioBlkDevice(disk, { queueSize: qsize, readonly: !p.write });
   if (!dev.setDriverFeatures(dev.deviceFeatures)) throw new Error('bench: feature negotiation failed');
   const q = new MockVirtqueue(memory, qsize, ramBase);
   const gen = new OffsetGen(disk.size, p.bs, p.seq);
-  const slotBase = Math.ceil((ramBase + ringsBytes) / 4096) * 4096;
-  // slot layout: [0,16) header, [16,64) indirect table (3 x 16), [64, 64+bs) data, then status
   const heads: number[] = [];
   const slotOfHead = new Map<number, number>();
   for (let i = 0; i < p.qd; i++) {
-    const a = slotBase + i * slotBytes;
+    const a = ctlBase + i * 4096;
     const table = a + 16;
-    const data = a + 64;
-    const status = data + p.bs;
+    const data = dataBase + i * p.bs;
+    const status = a + 64;
     memory.writeU32(a, p.write ? VIRTIO_BLK_T.OUT : VIRTIO_BLK_T.IN);
     q.writeDescriptor(0, { addr: a, len: 16, flags: VIRTQ_DESC_F.NEXT, next: 1 }, table);
     q.writeDescriptor(1, { addr: data, len: p.bs, flags: VIRTQ_DESC_F.NEXT | (p.write ? 0 : VIRTQ_DESC_F.WRITE), next: 2 }, table);
@@ -165,8 +198,8 @@ async function runDevice(disk: DiskImage, p: Pattern, seconds: number): Promise<
     slotOfHead.set(head, i);
   }
   // The guest's own view of its RAM (offsets into `ram`), as a guest kernel would use.
-  const statusOff = (slot: number): number => slotBase - ramBase + slot * slotBytes + 64 + p.bs;
-  const sectorOff = (slot: number): number => slotBase - ramBase + slot * slotBytes + 8;
+  const statusOff = (slot: number): number => ctlBase - ramBase + slot * 4096 + 64;
+  const sectorOff = (slot: number): number => ctlBase - ramBase + slot * 4096 + 8;
   const slotOf = new Int32Array(qsize).fill(-1);
   for (const [h, i] of slotOfHead) slotOf[h] = i;
   const deadlineNs = process.hrtime.bigint() + BigInt(Math.round(seconds * 1e9));
@@ -219,6 +252,7 @@ async function runDevice(disk: DiskImage, p: Pattern, seconds: number): Promise<
   await finished;
   const ns = process.hrtime.bigint() - start;
   await dev.reset();
+  arena.release();
   if (errors > 0) throw new Error(`bench: ${errors} requests failed through the device`);
   return throughput(done, ns, p.bs);
 }
