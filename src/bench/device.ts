@@ -25,7 +25,7 @@ export interface DeviceBenchOptions {
   readonly seconds?: number;
   /** Skip the write rows. Default: true when the disk is read-only. */
   readonly readonly?: boolean;
-  /** Alternating disk/device rounds per row (each seconds/rounds long). Default 5. */
+  /** Alternating disk/device rounds per row (each seconds/rounds long). Default 9. */
   readonly rounds?: number;
   /** Only run rows whose name includes this string. */
   readonly filter?: string;
@@ -46,7 +46,10 @@ export interface DeviceBenchRow {
   readonly sequential: boolean;
   readonly device: Throughput;
   readonly disk: Throughput;
-  /** disk IOPS / device IOPS: 1.25 means the device adds 25 % per request. */
+  /**
+   * disk IOPS / device IOPS, the median over the rounds (each round measures both sides back to
+   * back): 1.25 means the device adds 25 % per request.
+   */
   readonly ratio: number;
 }
 
@@ -116,6 +119,12 @@ function guestRam(bytes: number): GuestRam {
   } catch {
     return { buffer: Buffer.alloc(length), release: () => undefined };
   }
+}
+
+function median(xs: readonly number[]): number {
+  const a = [...xs].sort((x, y) => x - y);
+  const m = a.length >> 1;
+  return a.length % 2 === 1 ? (a[m] as number) : ((a[m - 1] as number) + (a[m] as number)) / 2;
 }
 
 function throughput(requests: number, ns: bigint, bs: number): Throughput {
@@ -284,7 +293,7 @@ export async function runDeviceBench(opts: DeviceBenchOptions): Promise<DeviceBe
       // machine's load hits both sides alike.
       await runDisk(disk, p, Math.min(0.2, seconds / 4));
       await runDevice(disk, p, Math.min(0.2, seconds / 4));
-      const rounds = Math.max(1, opts.rounds ?? 5);
+      const rounds = Math.max(1, opts.rounds ?? 9);
       const ds: Throughput[] = [];
       const vs: Throughput[] = [];
       for (let i = 0; i < rounds; i++) {
@@ -298,7 +307,10 @@ export async function runDeviceBench(opts: DeviceBenchOptions): Promise<DeviceBe
       }
       const d = sum(ds, p.bs);
       const v = sum(vs, p.bs);
-      rows.push({ name: p.name, write: p.write, blockSize: p.bs, queueDepth: p.qd, sequential: p.seq, device: v, disk: d, ratio: d.iops / v.iops });
+      // The median of the rounds' paired ratios: a burst of load from elsewhere on this shared
+      // machine spoils one pair, not the figure (a sum would carry it into the ratio).
+      const ratios = ds.map((x, i) => x.iops / (vs[i] as Throughput).iops);
+      rows.push({ name: p.name, write: p.write, blockSize: p.bs, queueDepth: p.qd, sequential: p.seq, device: v, disk: d, ratio: median(ratios) });
     }
   } finally {
     if (close) await disk.close();

@@ -12,6 +12,8 @@ export interface BenchRow {
   readonly peerName: string;
   readonly peer: number;
   readonly vblk: number;
+  /** vblk/peer when the suite computes it otherwise than vblk / peer (a median of paired rounds). */
+  readonly ratio?: number;
   readonly note?: string;
 }
 
@@ -65,7 +67,7 @@ export function fmtValue(v: number): string {
 /** The side-by-side table. */
 export function formatTable(rows: readonly BenchRow[]): string {
   const head = ['benchmark', 'unit', 'peer', 'peer value', 'vblk', 'vblk/peer'];
-  const body = rows.map((r) => [r.name, r.unit, r.peerName, fmtValue(r.peer), fmtValue(r.vblk), `${(r.vblk / r.peer).toFixed(2)}x${r.note ? `  (${r.note})` : ''}`]);
+  const body = rows.map((r) => [r.name, r.unit, r.peerName, fmtValue(r.peer), fmtValue(r.vblk), `${(r.ratio ?? r.vblk / r.peer).toFixed(2)}x${r.note ? `  (${r.note})` : ''}`]);
   const widths = head.map((h, i) => Math.max(h.length, ...body.map((b) => (b[i] ?? '').length)));
   const line = (cells: readonly string[]): string => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i] ?? 0))).join('  ');
   return [line(head), line(widths.map((w) => '-'.repeat(w))), ...body.map(line)].join('\n') + '\n';
