@@ -268,6 +268,13 @@ describe('vhost-user back-end state machine', () => {
       await expectFailure(VHOST_USER.SET_VRING_KICK, encodeU64(0n), /expected 1 file descriptor, got 0/);
     });
 
+    it('a kick fd that cannot be watched is closed, not installed, and the ring does not start', async () => {
+      fe.failWatch = true;
+      await expectFailure(VHOST_USER.SET_VRING_KICK, encodeU64(0n), /Cannot watch the kick fd of vring 0: EMFILE/, [dummyFd()]);
+      expect(fe.kicks.size).to.equal(0);
+      expect(fe.backend.isRunning(0)).to.equal(false);
+    });
+
     it('a truncated payload', async () => {
       await expectFailure(VHOST_USER.SET_VRING_NUM, Buffer.alloc(3), /vring state needs 8 payload bytes, got 3/);
     });

@@ -49,6 +49,8 @@ export class FakeFrontEnd {
   readonly drv: MockBlkDriver;
   readonly logs: string[] = [];
   readonly kicks = new Map<number, () => void>();
+  /** Makes the next watchKick calls fail (a kick fd the event loop cannot watch). */
+  failWatch = false;
   readonly tmp: string;
   readonly callFds: number[] = [];
   mapped = 0;
@@ -70,6 +72,7 @@ export class FakeFrontEnd {
       mapper,
       log: (line) => this.logs.push(line),
       watchKick: (fd, onKick) => {
+        if (this.failWatch) throw new Error('EMFILE: too many watches');
         this.kicks.set(fd, onKick);
         return () => void this.kicks.delete(fd);
       },

@@ -341,13 +341,20 @@ export class VhostUserBackend {
     if (m.request === VHOST_USER.SET_VRING_KICK) {
       if (nofd) throw failure(`Cannot handle SET_VRING_KICK for vring ${index}: polling mode (no kick fd) is not supported`);
       this.#dropKick(v);
-      v.kickFd = fd;
       if (fd !== undefined) {
+        let unwatch: () => void;
+        try {
+          unwatch = this.#env.watchKick(fd, () => {
+            v.kicks++;
+            if (v.running) this.device.queueNotify(index);
+          });
+        } catch (e) {
+          // Not kept: the fd is closed with the message, and the ring waits for a working kick.
+          throw failure(`Cannot watch the kick fd of vring ${index}: ${e instanceof Error ? e.message : String(e)}`);
+        }
         kept.add(fd);
-        v.unwatch = this.#env.watchKick(fd, () => {
-          v.kicks++;
-          if (v.running) this.device.queueNotify(index);
-        });
+        v.kickFd = fd;
+        v.unwatch = unwatch;
       }
       v.started = true;
       this.#maybeStart(index, v);
