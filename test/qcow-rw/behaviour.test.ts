@@ -185,6 +185,34 @@ describe('qcow2 read-write: header bits, read-only opens, ranges, concurrency', 
     }
   });
 
+  it('writes a request spanning host-contiguous allocated clusters with one file write', async () => {
+    const img = tmp.file('contig.qcow2');
+    qemuCreate(img, '1M', { options: { cluster_size: '4096' } });
+    qemuIo(img, ['write -P 0x11 0 64k']); // 16 clusters, allocated in order
+    const f = new FaultyFile(await NodeImageFile.open(img, { writable: true }));
+    const d = await openQcow2ReadWrite(f, { path: img });
+    await d.writeSector(0, new Uint8Array(512).fill(0x22)); // the first write prepares the image
+    const before = f.writes;
+    await d.writeSector(9, new Uint8Array(9 * 4096).fill(0x33)); // 4608 .. 41472: 10 clusters
+    expect(f.writes - before).to.equal(1);
+    await d.close();
+    expect(qemuCheck(img).status).to.equal(0);
+    qemuIo(img, ['read -P 0x22 0 512', 'read -P 0x11 512 4096', 'read -P 0x33 4608 36864', 'read -P 0x11 41472 24064']);
+  });
+
+  it('splits a request over clusters that are not all allocated in place, and the data is right', async () => {
+    const img = tmp.file('split.qcow2');
+    qemuCreate(img, '1M', { options: { cluster_size: '4096' } });
+    qemuIo(img, ['write -P 0x11 0 16k', 'write -P 0x44 64k 4k']); // clusters 0-3, then 16 at host 4 clusters on
+    const d = await openDiskImage(img);
+    await d.writeSector(0, new Uint8Array(512).fill(0x22));
+    await d.writeSector(16, new Uint8Array(6 * 4096).fill(0x55)); // clusters 2..7: 2-3 allocated, 4-7 new
+    await d.writeSector(120, new Uint8Array(8192).fill(0x66)); // clusters 15..16: new, then allocated
+    await d.close();
+    expect(qemuCheck(img).status).to.equal(0);
+    qemuIo(img, ['read -P 0x11 4096 4096', 'read -P 0x55 8192 24576', 'read -P 0x66 61440 8192']);
+  });
+
   it('vblk create: qemu-img check is clean and qemu-img info reports the options given', async () => {
     const cases: { args: string[]; expect: RegExp[] }[] = [
       { args: ['-f', 'qcow2'], expect: [/cluster_size: 65536/, /compat: 1\.1/, /refcount bits: 16/, /lazy refcounts: false/] },

@@ -304,22 +304,52 @@ export class Qcow2Writer implements ByteReader {
 
   /** Synchronous check for an in-place write (allocated, COPIED, not zero); else undefined. */
   #tryInPlace(off: number, data: Uint8Array): Promise<void> | undefined {
-    const s = this.s;
     if (!this.#prepared) return undefined;
-    const ci = Math.floor(off / s.clusterSize);
+    const ci = Math.floor(off / this.s.clusterSize);
+    const host = this.#inPlaceHost(ci);
+    if (host < 0) return undefined;
+    return this.#track(this.#fileWrite(data, host + (off - ci * this.s.clusterSize)));
+  }
+
+  /**
+   * Host offset of guest cluster `ci` when a write may go there in place (allocated, COPIED, not
+   * zero, not compressed, a sane data cluster, its L2 table cached); else -1 (the slow path
+   * decides, and reports corruption).
+   */
+  #inPlaceHost(ci: number): number {
+    const s = this.s;
     const l1i = Math.floor(ci / s.l2Entries);
     const l2off = s.l2Offset(l1i);
-    if (l2off === 0) return undefined;
+    if (l2off === 0) return -1;
     const t = s.l2Cache.peek(l2off);
-    if (!t) return undefined;
+    if (!t) return -1;
     const i = (ci - l1i * s.l2Entries) * t.stride;
     const hi = t.words[i] ?? 0;
     const lo = t.words[i + 1] ?? 0;
     // (`&` yields a signed 32-bit value: compare with `>>> 0`.)
-    if (((hi & (HI_COPIED | HI_COMPRESSED)) >>> 0) !== HI_COPIED || lo & LO_ZERO) return undefined;
+    if (((hi & (HI_COPIED | HI_COMPRESSED)) >>> 0) !== HI_COPIED || lo & LO_ZERO) return -1;
     const host = (hi & HI_OFFSET) * TWO32 + ((lo & LO_OFFSET) >>> 0);
-    if (host === 0 || host % s.clusterSize !== 0 || this.#isMetadata(host)) return undefined; // slow path reports it
-    return this.#track(this.#fileWrite(data, host + (off - ci * s.clusterSize)));
+    if (host === 0 || host % s.clusterSize !== 0 || this.#isMetadata(host)) return -1;
+    return host;
+  }
+
+  /**
+   * A write spanning several clusters, as one file write when every cluster can be written in
+   * place and their host clusters are consecutive (a preallocated or converted image: a 1 MiB
+   * guest write is then one pwrite, not 16); else undefined and the caller splits it.
+   */
+  tryInPlaceRange(off: number, data: Uint8Array): Promise<void> | undefined {
+    this.#checkUsable();
+    if (!this.#prepared || data.length === 0) return undefined;
+    const cs = this.s.clusterSize;
+    const first = Math.floor(off / cs);
+    const last = Math.floor((off + data.length - 1) / cs);
+    const base = this.#inPlaceHost(first);
+    if (base < 0) return undefined;
+    for (let ci = first + 1; ci <= last; ci++) {
+      if (this.#inPlaceHost(ci) !== base + (ci - first) * cs) return undefined;
+    }
+    return this.#track(this.#fileWrite(data, base + (off - first * cs)));
   }
 
   async #writeLocked(off: number, data: Uint8Array): Promise<void> {

@@ -30,7 +30,10 @@ export const qcow2ReadWriteOps: DiskImageOps<Qcow2Writer> = {
   },
   async writeSector(disk, sector, buf) {
     const w = disk.priv;
-    await writeByCluster(sector * SECTOR_SIZE, buf, w.clusterSize, (off, piece) => w.writeInCluster(off, piece));
+    const off = sector * SECTOR_SIZE;
+    const whole = (off % w.clusterSize) + buf.length > w.clusterSize ? w.tryInPlaceRange(off, buf) : undefined;
+    if (whole) await whole;
+    else await writeByCluster(off, buf, w.clusterSize, (o, piece) => w.writeInCluster(o, piece));
     return buf.length;
   },
   flush(disk) {
