@@ -79,19 +79,14 @@ export class NodeImageFile implements ImageFile {
 
   read(buf: Uint8Array, position: number): Promise<number> {
     if (buf.length === 0) return Promise.resolve(0);
-    let done = 0;
-    const policy = this.#syncFirst;
-    if (policy !== null && policy.shouldTry(buf.length, this.#inPool)) {
-      const t0 = process.hrtime.bigint();
-      try {
-        done = fs.readSync(this.fd, buf, 0, buf.length, position);
-      } catch (err) {
-        return Promise.reject(ioError('read', this.path, err));
-      } finally {
-        policy.record(Number(process.hrtime.bigint() - t0));
-      }
-      if (done === buf.length || done === 0) return Promise.resolve(done); // whole, or at EOF
+    let done: number;
+    try {
+      done = this.#syncAttempt(false, buf, position);
+    } catch (e) {
+      return Promise.reject(e);
     }
+    if (done === buf.length || done === 0) return Promise.resolve(done); // whole, or at EOF
+    if (done < 0) done = 0; // not tried
     this.#inPool++;
     return new Promise((resolve, reject) => {
       const loop = (got: number): void => {
@@ -114,19 +109,14 @@ export class NodeImageFile implements ImageFile {
   write(buf: Uint8Array, position: number): Promise<void> {
     if (!this.writable) return Promise.reject(new DiskError('E_DISK_READONLY', `Cannot write ${this.path}: opened read-only`));
     if (buf.length === 0) return Promise.resolve();
-    let done = 0;
-    const policy = this.#syncFirst;
-    if (policy !== null && policy.shouldTry(buf.length, this.#inPool)) {
-      const t0 = process.hrtime.bigint();
-      try {
-        done = fs.writeSync(this.fd, buf, 0, buf.length, position);
-      } catch (err) {
-        return Promise.reject(ioError('write', this.path, err));
-      } finally {
-        policy.record(Number(process.hrtime.bigint() - t0));
-      }
-      if (done >= buf.length) return Promise.resolve();
+    let done: number;
+    try {
+      done = this.#syncAttempt(true, buf, position);
+    } catch (e) {
+      return Promise.reject(e);
     }
+    if (done >= buf.length) return Promise.resolve();
+    if (done < 0) done = 0; // not tried
     this.#inPool++;
     return new Promise((resolve, reject) => {
       const loop = (got: number): void => {
@@ -144,6 +134,23 @@ export class NodeImageFile implements ImageFile {
       };
       loop(done);
     });
+  }
+
+  /**
+   * The synchronous attempt of sync-first I/O: the bytes moved (possibly short), or -1 when the
+   * policy said no. Throws a DiskError when the call fails.
+   */
+  #syncAttempt(write: boolean, buf: Uint8Array, position: number): number {
+    const policy = this.#syncFirst;
+    if (policy === null || !policy.shouldTry(buf.length, this.#inPool)) return -1;
+    const t0 = process.hrtime.bigint();
+    try {
+      return write ? fs.writeSync(this.fd, buf, 0, buf.length, position) : fs.readSync(this.fd, buf, 0, buf.length, position);
+    } catch (err) {
+      throw ioError(write ? 'write' : 'read', this.path, err);
+    } finally {
+      policy.record(Number(process.hrtime.bigint() - t0));
+    }
   }
 
   /** Synchronous-first statistics (null when the file always uses the pool). */

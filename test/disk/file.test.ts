@@ -164,6 +164,21 @@ describe('NodeImageFile: synchronous-first I/O', function () {
     expect(isVblkError(caught, 'E_DISK_IO')).to.equal(true);
   });
 
+  it('a failing synchronous write rejects with E_DISK_IO rather than throwing', async () => {
+    const f = await fileWith('closed-w.img', pattern(8192, 8));
+    fs.closeSync(f.fd);
+    let caught: unknown;
+    const p = f.write(Buffer.alloc(512, 1), 0);
+    expect(p).to.be.instanceOf(Promise);
+    try {
+      await p;
+    } catch (e) {
+      caught = e;
+    }
+    expect(isVblkError(caught, 'E_DISK_IO')).to.equal(true);
+    expect(f.syncFirst?.syncCalls, 'the failure came from the synchronous attempt').to.equal(1);
+  });
+
   it('with syncFirst: false every request goes through the pool', async () => {
     const f = await fileWith('pool.img', pattern(8192, 6), false);
     try {
