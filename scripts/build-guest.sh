@@ -33,7 +33,9 @@ if ((${#need_pkgs[@]})); then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
-if ! busybox --list | grep -qx cpio; then
+# Not `busybox --list | grep -q`: under pipefail, grep -q exits at the first match, busybox gets
+# SIGPIPE and the pipeline fails at random.
+if ! grep -qx cpio <<<"$(busybox --list)"; then
   echo "busybox has no cpio applet; cannot build the initramfs" >&2
   exit 1
 fi

@@ -24,7 +24,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-has_cmd() { "${VBLK[@]}" --help | grep -q "^  $1 "; }
+# (A here-string, not a pipe into grep -q: under pipefail an early grep exit fails the pipe.)
+has_cmd() { grep -q "^  $1 " <<<"$("${VBLK[@]}" --help)"; }
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -114,7 +115,7 @@ done
 printf 'files written   %s (md5 checked after a remount)\n' "$(grep -c '^VBLK-MD5' "$TMP/guest.log")"
 printf 'vblk serve      exit %s\n' "$SERVE_RC"
 for c in "${CHECKS[@]}"; do printf '%s\n' "$c"; done
-if [[ "${GUEST_RC:-x}" == 0 && $SERVE_RC == 0 ]] && ! printf '%s\n' "${CHECKS[@]}" | grep -q FAILED; then
+if [[ "${GUEST_RC:-x}" == 0 && $SERVE_RC == 0 ]] && ! grep -q FAILED <<<"$(printf '%s\n' "${CHECKS[@]}")"; then
   echo "RESULT: PASS"
 else
   echo "RESULT: FAIL"
