@@ -122,7 +122,11 @@ export const guestSuite: BenchSuite = {
   name: 'guest',
   unavailable() {
     if (!hasTool('qemu-storage-daemon')) return 'qemu-storage-daemon is not installed';
-    return guestUnavailableReason();
+    try {
+      return guestUnavailableReason();
+    } catch (e) {
+      return e instanceof Error ? e.message : String(e); // the bench reports it and goes on
+    }
   },
   async run(ctx) {
     const secs = Math.max(2, Math.round(3 * ctx.scale));

@@ -19,8 +19,11 @@ function which(cmd: string): boolean {
 }
 
 /**
- * Why the guest cannot run here (missing QEMU, guest not buildable), or undefined when it can.
- * Builds build/guest/ with scripts/build-guest.sh when it is missing or stale (cached otherwise).
+ * Why the guest cannot run here, or undefined when it can. The one acceptable reason is a machine
+ * without QEMU; with QEMU present, a guest that cannot be built is a defect, so that throws (a
+ * test then fails instead of being skipped). Builds build/guest/ with scripts/build-guest.sh when
+ * it is missing or stale (cached otherwise).
+ * @throws Error when scripts/build-guest.sh fails or leaves a file out.
  */
 export function guestUnavailableReason(): string | undefined {
   if (!which('qemu-system-x86_64')) return 'qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)';
@@ -28,10 +31,10 @@ export function guestUnavailableReason(): string | undefined {
   const r = child.spawnSync('bash', [script], { encoding: 'utf8', timeout: 300_000 });
   if (r.status !== 0) {
     const why = (r.stderr || r.stdout || '').trim().split('\n').slice(-1)[0] ?? '';
-    return `the test guest could not be built (scripts/build-guest.sh: ${why || 'failed'})`;
+    throw new Error(`The test guest could not be built (scripts/build-guest.sh: ${why || 'failed'})`);
   }
   for (const f of ['vmlinuz', 'initramfs.gz']) {
-    if (!fs.existsSync(path.join(guestDir(), f))) return `build/guest/${f} is missing after scripts/build-guest.sh`;
+    if (!fs.existsSync(path.join(guestDir(), f))) throw new Error(`build/guest/${f} is missing after scripts/build-guest.sh`);
   }
   return undefined;
 }
