@@ -3,21 +3,15 @@
  * against the disk layer alone on the same raw image, so the table shows what the device adds per
  * request. Peer = disk layer, vblk = through the device.
  */
-import * as fs from 'node:fs';
 import { runDeviceBench } from './device';
-import type { BenchSuite, BenchRow } from './suite';
+import { writeFilledRaw, type BenchSuite, type BenchRow } from './suite';
 
 export const deviceSuite: BenchSuite = {
   name: 'device',
   async run(ctx) {
     const img = `${ctx.dir}/device.raw`;
     ctx.progress('preparing a 256 MiB raw image for the device suite');
-    const fd = fs.openSync(img, 'w');
-    const chunk = Buffer.alloc(1 << 20, 0x5a);
-    for (let i = 0; i < 256; i++) fs.writeSync(fd, chunk, 0, chunk.length, i << 20);
-    // Written back now, not by kernel threads competing for the CPUs during the measurements.
-    fs.fdatasyncSync(fd);
-    fs.closeSync(fd);
+    writeFilledRaw(img, 256, 0x5a);
     ctx.progress('device suite: virtio-blk device vs disk layer');
     const rows = await runDeviceBench({ image: img, seconds: Math.max(0.9, 1.8 * ctx.scale) });
     return rows.map((r): BenchRow => {

@@ -13,7 +13,7 @@ import * as child from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { bootGuest, guestUnavailableReason } from '../transport/vhost-user/qemu-guest';
-import { hasTool, tool } from './suite';
+import { hasTool, tool, warmPageCache, writeFilledRaw } from './suite';
 import type { BenchRow, BenchSuite } from './suite';
 
 /** fio rows run in the guest: name, rw, block size, iodepth, unit. */
@@ -63,32 +63,11 @@ function startBackend(kind: 'vblk' | 'qsd', image: string, format: 'raw' | 'qcow
   );
 }
 
-/**
- * Reads the whole image so both back-ends start from a warm page cache. Needed because this
- * machine's page cache does not hold on to files: a 256 MiB file read once was 14 % evicted
- * 20 s later with nothing else running, so without this the 4 KiB random-read rows measure the
- * host disk for whichever back-end runs later.
- */
-function warmPageCache(image: string): void {
-  const fd = fs.openSync(image, 'r');
-  try {
-    const buf = Buffer.alloc(1 << 20);
-    let pos = 0;
-    for (;;) {
-      const n = fs.readSync(fd, buf, 0, buf.length, pos);
-      if (n <= 0) break;
-      pos += n;
-    }
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
 /** One guest boot against one back-end: every row, parsed from `VBLK-BENCH name iops kib`. */
 async function measure(kind: 'vblk' | 'qsd', image: string, format: 'raw' | 'qcow2', dir: string, secs: number): Promise<Measured> {
   const socket = path.join(dir, `${kind}.sock`);
   fs.rmSync(socket, { force: true });
-  warmPageCache(image);
+  warmPageCache(image); // both back-ends start from a warm page cache
   const proc = startBackend(kind, image, format, socket);
   try {
     await waitForSocket(socket, proc, kind);
@@ -134,11 +113,7 @@ export const guestSuite: BenchSuite = {
     const formats = (process.env['VBLK_BENCH_GUEST_FORMATS'] ?? 'raw,qcow2').split(',').filter((f): f is 'raw' | 'qcow2' => f === 'raw' || f === 'qcow2');
     const raw = path.join(ctx.dir, 'guest.raw');
     ctx.progress('guest suite: preparing a 256 MiB image');
-    const fd = fs.openSync(raw, 'w');
-    const chunk = Buffer.alloc(1 << 20, 0x33);
-    for (let i = 0; i < 256; i++) fs.writeSync(fd, chunk, 0, chunk.length, i << 20);
-    fs.fdatasyncSync(fd); // written back before the measurements, not during them
-    fs.closeSync(fd);
+    writeFilledRaw(raw, 256, 0x33);
     const rows: BenchRow[] = [];
     for (const format of formats) {
       let image = raw;

@@ -19,6 +19,16 @@ function manualPolicy(opts: { slowNs?: number; maxBytes?: number } = {}): { poli
   };
 }
 
+/** What `p` rejects with (undefined when it resolves). */
+async function rejectionOf(p: Promise<unknown>): Promise<unknown> {
+  try {
+    await p;
+  } catch (e) {
+    return e;
+  }
+  return undefined;
+}
+
 function pattern(len: number, seed: number): Buffer {
   const b = Buffer.alloc(len);
   for (let i = 0; i < len; i++) b[i] = (i * 31 + seed) & 0xff;
@@ -153,29 +163,17 @@ describe('NodeImageFile: synchronous-first I/O', function () {
   it('a failing synchronous read rejects with E_DISK_IO rather than throwing', async () => {
     const f = await fileWith('closed.img', pattern(8192, 5));
     fs.closeSync(f.fd); // pull the fd from under it
-    let caught: unknown;
     const p = f.read(Buffer.alloc(512), 0);
     expect(p).to.be.instanceOf(Promise);
-    try {
-      await p;
-    } catch (e) {
-      caught = e;
-    }
-    expect(isVblkError(caught, 'E_DISK_IO')).to.equal(true);
+    expect(isVblkError(await rejectionOf(p), 'E_DISK_IO')).to.equal(true);
   });
 
   it('a failing synchronous write rejects with E_DISK_IO rather than throwing', async () => {
     const f = await fileWith('closed-w.img', pattern(8192, 8));
     fs.closeSync(f.fd);
-    let caught: unknown;
     const p = f.write(Buffer.alloc(512, 1), 0);
     expect(p).to.be.instanceOf(Promise);
-    try {
-      await p;
-    } catch (e) {
-      caught = e;
-    }
-    expect(isVblkError(caught, 'E_DISK_IO')).to.equal(true);
+    expect(isVblkError(await rejectionOf(p), 'E_DISK_IO')).to.equal(true);
     expect(f.syncFirst?.syncCalls, 'the failure came from the synchronous attempt').to.equal(1);
   });
 
