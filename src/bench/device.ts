@@ -6,7 +6,20 @@
  *
  * Standalone: `node build/src/bench/device.js IMAGE [--seconds S] [--readonly]` (write rows
  * overwrite data in IMAGE, like `qemu-img bench -w`).
+ *
+ * Given an image path, every measurement runs in a child process of its own, warmed up and then
+ * measured, alternating disk and device. Two effects made the earlier in-process rounds (0.2 s
+ * each, back to back) unreliable (4 KiB random reads at QD32 on this machine):
+ * - the device path needs about a second of requests before its code is optimised (0.25 s
+ *   windows: 140-220k IOPS at first, 360-390k after a second), while the disk-layer loop runs
+ *   at 570-600k in its first 0.25 s and then settles at 330-370k;
+ * - each side inherits the other's JIT and heap state: the disk-layer loop alone made 339-466k,
+ *   but 422-549k when its rounds alternated with device rounds.
+ * A fresh, warmed-up process per measurement gives each side's steady state, as a VMM serving
+ * one device would run.
  */
+import '../threadpool'; // children and the standalone run size libuv's pool as `vblk serve` does
+import * as child from 'node:child_process';
 import { GuestMemory } from '../memory/guest-memory';
 import type { DiskImage } from '../disk/disk-image';
 import { openDiskImage } from '../disk/open';
@@ -21,14 +34,21 @@ export interface DeviceBenchOptions {
   readonly image?: string;
   /** An already open disk (not closed by the bench). */
   readonly disk?: DiskImage;
-  /** Seconds per measurement (each row measures twice: device and disk). Default 1. */
+  /** Seconds measured per side and row, split over the rounds (warm-up not included). Default 1. */
   readonly seconds?: number;
   /** Skip the write rows. Default: true when the disk is read-only. */
   readonly readonly?: boolean;
-  /** Alternating disk/device rounds per row (each seconds/rounds long). Default 9. */
+  /** Alternating disk/device rounds per row (each seconds/rounds long). Default 3 isolated, else 9. */
   readonly rounds?: number;
   /** Only run rows whose name includes this string. */
   readonly filter?: string;
+  /**
+   * Run each measurement in a fresh child process (needs `image`). Default: true when `image`
+   * is given, false for an open `disk`.
+   */
+  readonly isolate?: boolean;
+  /** Warm-up seconds of each isolated measurement before it counts (the device path takes about a second of requests to reach its optimised code). Default 1.5. */
+  readonly warmup?: number;
 }
 
 export interface Throughput {
@@ -71,6 +91,12 @@ const PATTERNS: readonly Pattern[] = [
   { name: '64k seqread qd32', write: false, bs: 65536, qd: 32, seq: true },
   { name: '64k seqwrite qd32', write: true, bs: 65536, qd: 32, seq: true },
 ];
+
+function patternNamed(name: string): Pattern {
+  const p = PATTERNS.find((x) => x.name === name);
+  if (p === undefined) throw new RangeError(`Cannot run the device bench: no pattern named '${name}'`);
+  return p;
+}
 
 /** Offsets (in sectors) for a pattern: random block-aligned, or sequential wrapping at the end. */
 class OffsetGen {
@@ -266,6 +292,40 @@ async function runDevice(disk: DiskImage, p: Pattern, seconds: number): Promise<
   return throughput(done, ns, p.bs);
 }
 
+type Side = 'disk' | 'device';
+
+/** One measurement in a fresh process: `node device.js --child SIDE PATTERN WARMUP SECONDS IMAGE`. */
+function measureInChild(image: string, side: Side, p: Pattern, warmup: number, seconds: number): Promise<Throughput> {
+  return new Promise((resolve, reject) => {
+    const args = [__filename, '--child', side, p.name, String(warmup), String(seconds), image];
+    child.execFile(process.execPath, args, { timeout: Math.ceil((warmup + seconds) * 1000) + 60_000 }, (err, stdout, stderr) => {
+      if (err) return reject(new Error(`bench: the ${side} measurement of '${p.name}' failed: ${stderr.trim() || err.message}`));
+      try {
+        const r = JSON.parse(stdout) as { requests: number; ns: string };
+        resolve(throughput(r.requests, BigInt(r.ns), p.bs));
+      } catch {
+        reject(new Error(`bench: the ${side} measurement of '${p.name}' printed no result`));
+      }
+    });
+  });
+}
+
+/** The child side of measureInChild: warm up, measure, print `{requests, ns}` as JSON. */
+async function childMain(args: readonly string[]): Promise<void> {
+  const [side, name, warmup, seconds, image] = args;
+  if (image === undefined || (side !== 'disk' && side !== 'device')) throw new RangeError('usage: device.js --child disk|device PATTERN WARMUP SECONDS IMAGE');
+  const p = patternNamed(name as string);
+  const disk = await openDiskImage(image, { readonly: !p.write });
+  try {
+    const run = side === 'disk' ? runDisk : runDevice;
+    await run(disk, p, Number(warmup));
+    const t = await run(disk, p, Number(seconds));
+    process.stdout.write(JSON.stringify({ requests: t.requests, ns: String(Math.round(t.seconds * 1e9)) }));
+  } finally {
+    await disk.close();
+  }
+}
+
 /**
  * Runs the device rows and returns them (also used by `make bench` through src/bench/main.ts).
  *
@@ -283,26 +343,35 @@ export async function runDeviceBench(opts: DeviceBenchOptions): Promise<DeviceBe
   }
   const seconds = opts.seconds ?? 1;
   const ro = opts.readonly ?? disk.readonly;
+  const isolate = opts.isolate ?? opts.image !== undefined;
+  if (isolate && opts.image === undefined) throw new RangeError('Cannot run the device bench isolated: give an image path');
+  const image = opts.image as string;
+  const warmup = opts.warmup ?? 1.5;
   const rows: DeviceBenchRow[] = [];
   try {
     for (const p of PATTERNS) {
       if (p.write && ro) continue;
       if (opts.filter !== undefined && !p.name.includes(opts.filter)) continue;
       if (disk.size < p.bs * 16) continue;
-      // Warm both paths (JIT, page cache), then alternate short rounds so that a change in the
-      // machine's load hits both sides alike.
-      await runDisk(disk, p, Math.min(0.2, seconds / 4));
-      await runDevice(disk, p, Math.min(0.2, seconds / 4));
-      const rounds = Math.max(1, opts.rounds ?? 9);
+      const rounds = Math.max(1, opts.rounds ?? (isolate ? 3 : 9));
+      const measure = isolate
+        ? (side: Side): Promise<Throughput> => measureInChild(image, side, p, warmup, seconds / rounds)
+        : (side: Side): Promise<Throughput> => (side === 'disk' ? runDisk : runDevice)(disk as DiskImage, p, seconds / rounds);
+      if (!isolate) {
+        // Warm both paths (JIT, page cache) once; isolated children warm up on their own.
+        await runDisk(disk, p, Math.min(0.2, seconds / 4));
+        await runDevice(disk, p, Math.min(0.2, seconds / 4));
+      }
+      // Alternate rounds, so that a change in the machine's load hits both sides alike.
       const ds: Throughput[] = [];
       const vs: Throughput[] = [];
       for (let i = 0; i < rounds; i++) {
         if (i % 2 === 0) {
-          ds.push(await runDisk(disk, p, seconds / rounds));
-          vs.push(await runDevice(disk, p, seconds / rounds));
+          ds.push(await measure('disk'));
+          vs.push(await measure('device'));
         } else {
-          vs.push(await runDevice(disk, p, seconds / rounds));
-          ds.push(await runDisk(disk, p, seconds / rounds));
+          vs.push(await measure('device'));
+          ds.push(await measure('disk'));
         }
       }
       const d = sum(ds, p.bs);
@@ -340,6 +409,7 @@ export function formatDeviceBench(rows: readonly DeviceBenchRow[]): string {
 }
 
 async function main(argv: string[]): Promise<void> {
+  if (argv[0] === '--child') return childMain(argv.slice(1));
   const args = [...argv];
   let seconds: number | undefined;
   let readonly = false;

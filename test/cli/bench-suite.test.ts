@@ -1,6 +1,11 @@
 /** The bench framework's pure parts (src/bench/suite.ts): parsing peer output and the table. */
 import { expect } from 'chai';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 import { fmtValue, formatTable, runSeconds } from '../../src/bench/suite';
+import { runDeviceBench } from '../../src/bench/device';
+import { openDiskImage } from '../../src/disk/open';
 
 describe('bench suite helpers', function () {
   it('runSeconds reads "Run completed in X seconds." from qemu-img bench and vblk bench output', function () {
@@ -28,5 +33,51 @@ describe('bench suite helpers', function () {
     }
     expect(row1?.startsWith('raw 4k rand read QD1')).to.equal(true);
     expect(row2?.endsWith('1.50x  (warm)')).to.equal(true);
+  });
+});
+
+describe('device bench (src/bench/device.ts)', function () {
+  this.timeout(30_000);
+  let dir: string;
+  let image: string;
+  before(() => {
+    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vblk-devbench-'));
+    image = path.join(dir, 'd.raw');
+    fs.writeFileSync(image, Buffer.alloc(1 << 20, 0x5a));
+  });
+  after(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+  it('measures both sides of a row in child processes and reports their ratio', async () => {
+    const rows = await runDeviceBench({ image, filter: 'randread qd32', rounds: 1, seconds: 0.1, warmup: 0.05 });
+    expect(rows.map((r) => r.name)).to.deep.equal(['4k randread qd32']);
+    const [r] = rows;
+    expect(r?.device.requests, 'device requests').to.be.greaterThan(0);
+    expect(r?.disk.requests, 'disk requests').to.be.greaterThan(0);
+    expect(r?.ratio).to.be.closeTo((r?.disk.iops ?? 0) / (r?.device.iops ?? 1), 1e-9);
+  });
+
+  it('measures in-process when given an open disk', async () => {
+    const disk = await openDiskImage(image, { readonly: true });
+    try {
+      const rows = await runDeviceBench({ disk, filter: '64k seqread', rounds: 1, seconds: 0.05 });
+      expect(rows.map((r) => [r.name, r.device.requests > 0, r.disk.requests > 0])).to.deep.equal([['64k seqread qd32', true, true]]);
+    } finally {
+      await disk.close();
+    }
+  });
+
+  it('a child that cannot open the image fails the row with its error, not a made-up figure', async () => {
+    const disk = await openDiskImage(image, { readonly: true });
+    try {
+      // The parent has the disk open; the children get a path that does not exist.
+      const missing = path.join(dir, 'missing.raw');
+      const err = await runDeviceBench({ disk, image: missing, isolate: true, filter: '4k randread qd1', rounds: 1, seconds: 0.05 }).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      expect(String(err)).to.match(/the disk measurement of '4k randread qd1' failed: .*missing\.raw/);
+    } finally {
+      await disk.close();
+    }
   });
 });
