@@ -30,7 +30,7 @@ import { VIRTIO_BLK_T, VIRTIO_BLK_S } from '../virtio/blk-config';
 import { mmap, munmap } from '../native/libc';
 
 export interface DeviceBenchOptions {
-  /** Image to open (ignored when `disk` is given). */
+  /** Image to measure: opened here unless `disk` is given, and by every isolated child. */
   readonly image?: string;
   /** An already open disk (not closed by the bench). */
   readonly disk?: DiskImage;
@@ -300,17 +300,20 @@ function measureInChild(image: string, side: Side, p: Pattern, warmup: number, s
     const args = [__filename, '--child', side, p.name, String(warmup), String(seconds), image];
     child.execFile(process.execPath, args, { timeout: Math.ceil((warmup + seconds) * 1000) + 60_000 }, (err, stdout, stderr) => {
       if (err) return reject(new Error(`bench: the ${side} measurement of '${p.name}' failed: ${stderr.trim() || err.message}`));
+      let t: Partial<Throughput> | undefined;
       try {
-        const r = JSON.parse(stdout) as { requests: number; ns: string };
-        resolve(throughput(r.requests, BigInt(r.ns), p.bs));
+        t = JSON.parse(stdout) as Partial<Throughput>;
       } catch {
-        reject(new Error(`bench: the ${side} measurement of '${p.name}' printed no result`));
+        t = undefined;
       }
+      const ok = t !== undefined && [t.requests, t.seconds, t.iops, t.mbps].every((x) => typeof x === 'number' && Number.isFinite(x));
+      if (!ok) return reject(new Error(`bench: the ${side} measurement of '${p.name}' printed no result`));
+      resolve(t as Throughput);
     });
   });
 }
 
-/** The child side of measureInChild: warm up, measure, print `{requests, ns}` as JSON. */
+/** The child side of measureInChild: warm up, measure, print the Throughput as JSON. */
 async function childMain(args: readonly string[]): Promise<void> {
   const [side, name, warmup, seconds, image] = args;
   if (image === undefined || (side !== 'disk' && side !== 'device')) throw new RangeError('usage: device.js --child disk|device PATTERN WARMUP SECONDS IMAGE');
@@ -320,7 +323,7 @@ async function childMain(args: readonly string[]): Promise<void> {
     const run = side === 'disk' ? runDisk : runDevice;
     await run(disk, p, Number(warmup));
     const t = await run(disk, p, Number(seconds));
-    process.stdout.write(JSON.stringify({ requests: t.requests, ns: String(Math.round(t.seconds * 1e9)) }));
+    process.stdout.write(JSON.stringify(t));
   } finally {
     await disk.close();
   }
