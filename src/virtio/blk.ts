@@ -5,6 +5,8 @@ import type { VirtioDevice, QueueStart } from './device';
 import { VIRTIO_F } from './device';
 import { SplitQueue, MAX_QUEUE_SIZE } from './queue';
 import { BlkRequest } from './blk-request';
+import { AdaptivePoll } from './adaptive-poll';
+import type { PollClock } from './adaptive-poll';
 import type { BlkRequestHost } from './blk-request';
 import { BLK_CONFIG, VIRTIO_BLK_F, VIRTIO_BLK_ID_BYTES, encodeBlkConfig } from './blk-config';
 
@@ -24,6 +26,13 @@ export interface VirtioBlkOptions {
   readonly maxDiscardSeg?: number;
   /** Preferred I/O size in bytes for the topology hint (opt_io_size); default: the cluster size if known, else 0. */
   readonly optIoSize?: number;
+  /**
+   * Longest adaptive poll window in microseconds after a queue goes empty (kicks stay
+   * suppressed while it runs; see adaptive-poll.ts). Default 0: off.
+   */
+  readonly pollMaxUs?: number;
+  /** Clock of the poll policy, in nanoseconds; injectable for tests. Default performance.now(). */
+  readonly pollClock?: PollClock;
 }
 
 /** Per-segment byte limit advertised in size_max. */
@@ -67,6 +76,9 @@ export class VirtioBlkDevice implements VirtioDevice {
   readonly serial: Buffer;
   readonly segMax: number;
   readonly maxDiscardSeg: number;
+  /** Longest adaptive poll window per queue, in nanoseconds (0: no polling). */
+  readonly pollMaxNs: number;
+  readonly pollClock: PollClock | undefined;
   readonly #defaultWriteback: number;
   readonly #optIoSize: number;
   #driverFeatures = 0n;
@@ -99,6 +111,10 @@ export class VirtioBlkDevice implements VirtioDevice {
     this.serial = VirtioBlkDevice.#serialBytes(opts.serial ?? path.basename(disk.path));
     this.segMax = Math.max(1, qs - 2);
     this.maxDiscardSeg = maxSeg;
+    const pollUs = opts.pollMaxUs ?? 0;
+    if (!Number.isFinite(pollUs) || pollUs < 0 || pollUs > 1_000_000) throw new RangeError(`Cannot create virtio-blk device: pollMaxUs ${pollUs} is not 0..1000000`);
+    this.pollMaxNs = Math.round(pollUs * 1000);
+    this.pollClock = opts.pollClock;
     this.#defaultWriteback = opts.writeback === false ? 0 : 1;
     this.#writeback = this.#defaultWriteback;
     this.#capacity = disk.sectors;
@@ -304,6 +320,11 @@ export class VirtioBlkDevice implements VirtioDevice {
     this.#configListeners.push(cb);
   }
 
+  /** The poll policy of running queue `index` (undefined when it is not running). */
+  pollPolicy(index: number): AdaptivePoll | undefined {
+    return this.#queues[index]?.poll;
+  }
+
   /** Number of requests in flight on queue `index` (0 when it is not running). */
   inFlight(index: number): number {
     return this.#queues[index]?.queue.inFlight ?? 0;
@@ -351,6 +372,12 @@ class BlkQueueWorker implements BlkRequestHost {
   readonly #idleWaiters: (() => void)[] = [];
   readonly #publishCb: () => void;
   readonly #drainCb: () => void;
+  readonly #pollCb: () => void;
+  readonly #poll: AdaptivePoll;
+  /** A poll callback is scheduled. */
+  #polling = false;
+  /** The ring went empty with requests in flight: open a poll window when they complete. */
+  #pollAfterIo = false;
 
   constructor(device: VirtioBlkDevice, index: number, queue: SplitQueue, signal: () => void) {
     this.device = device;
@@ -363,6 +390,8 @@ class BlkQueueWorker implements BlkRequestHost {
       this.#publish();
     };
     this.#drainCb = (): void => this.drain();
+    this.#pollCb = (): void => this.#pollOnce();
+    this.#poll = new AdaptivePoll({ maxNs: device.pollMaxNs, ...(device.pollClock ? { clock: device.pollClock } : {}) });
   }
 
   // BlkRequestHost: live views of the device state.
@@ -408,6 +437,8 @@ class BlkQueueWorker implements BlkRequestHost {
       return;
     }
     this.#draining = true;
+    this.#pollAfterIo = false;
+    this.#poll.arrived();
     const q = this.queue;
     let budget = q.size;
     let descriptors = DRAIN_DESCRIPTOR_BUDGET;
@@ -434,6 +465,11 @@ class BlkQueueWorker implements BlkRequestHost {
           setImmediate(this.#drainCb);
           break;
         }
+        if (!this.#drainAgain && this.#poll.idle()) {
+          // Keep kicks suppressed and watch the ring ourselves for a while.
+          this.#startPolling();
+          break;
+        }
         if (!q.enableNotification() && !this.#drainAgain) break;
         this.#drainAgain = false;
         q.disableNotification();
@@ -449,6 +485,44 @@ class BlkQueueWorker implements BlkRequestHost {
     } finally {
       this.#draining = false;
       this.#publish(); // completions that happened synchronously (malformed chains, GET_ID...)
+    }
+  }
+
+  #startPolling(): void {
+    if (this.#polling) return;
+    this.#polling = true;
+    setImmediate(this.#pollCb);
+  }
+
+  /** The queue's poll policy (for logs and tests). */
+  get poll(): AdaptivePoll {
+    return this.#poll;
+  }
+
+  /** One look at the ring during a poll window. */
+  #pollOnce(): void {
+    this.#polling = false;
+    if (this.#stopping || this.device.needsReset || this.queue.broken) return;
+    try {
+      const q = this.queue;
+      if (q.pending() !== 0) {
+        this.drain();
+      } else if (q.inFlight !== 0) {
+        // The disk is still working (requests that did not complete synchronously): polling
+        // would only take CPU from it. Kicks back on; the window reopens when the last
+        // request completes (#publish).
+        this.#poll.cancel();
+        this.#pollAfterIo = true;
+        if (q.enableNotification()) this.drain();
+      } else if (this.#poll.open()) {
+        this.#polling = true;
+        setImmediate(this.#pollCb);
+      } else if (q.enableNotification()) {
+        this.drain(); // arrived just as the window closed, before kicks were back on
+      }
+    } catch (e) {
+      const why = e instanceof Error ? e.message : String(e);
+      this.device.markNeedsReset(new VirtioError('E_VIRTIO_STATE', `Cannot poll virtio-blk queue ${this.index}: ${why}`, {}, { cause: e }));
     }
   }
 
@@ -484,6 +558,12 @@ class BlkQueueWorker implements BlkRequestHost {
       } catch {
         // A failing interrupt path must not lose completions; the next batch signals again.
       }
+    }
+    if (this.#pollAfterIo && q.inFlight === 0 && !this.#draining && !this.#stopping) {
+      this.#pollAfterIo = false;
+      // Kicks are on here (the ring went empty with requests in flight); polling still finds
+      // the next request sooner than a kick and a wake-up would.
+      if (this.#poll.idle()) this.#startPolling();
     }
     if (q.inFlight === 0 && this.#idleWaiters.length > 0) {
       for (const w of this.#idleWaiters.splice(0)) w();

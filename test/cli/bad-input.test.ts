@@ -134,6 +134,19 @@ describe('vblk CLI: bad input gives one error line and the qemu-img exit code', 
     });
   });
 
+  describe('serve options are checked before the image or the socket is opened', () => {
+    const sock = (): string => tmp.file('never.sock');
+    it('--poll-max-us that is not a number', async () => {
+      expectErrorLine(await vblk('serve', '--socket', sock(), '--poll-max-us', 'fast', missing()), 1, 'vblk: invalid poll-max-us "fast": expected a non-negative integer', true);
+    });
+    it('--poll-max-us above a second', async () => {
+      expectErrorLine(await vblk('serve', '--socket', sock(), '--poll-max-us', '2000000', missing()), 1, 'vblk: --poll-max-us 2000000 is not 0..1000000', true);
+    });
+    it('--queue-size that is not a power of two', async () => {
+      expectErrorLine(await vblk('serve', '--socket', sock(), '--queue-size', '100', missing()), 1, 'vblk: --queue-size 100 is not a power of two in 2..32768', true);
+    });
+  });
+
   it('the compiled entry prints a corrupt image error as one line without a stack trace', () => {
     expectErrorLine(vblkProcess('map', '--output=json', corrupt), 1, corruptLine(), false);
   });

@@ -1,5 +1,5 @@
 /**
- * `vblk serve --socket PATH [--readonly] [--num-queues N] [--queue-size Q] [-f FMT] IMG`: a
+ * `vblk serve --socket PATH [--readonly] [--num-queues N] [--queue-size Q] [--poll-max-us U] [-f FMT] IMG`: a
  * vhost-user-blk back-end, as `qemu-storage-daemon --export type=vhost-user-blk` is: QEMU (or
  * cloud-hypervisor) connects to PATH and its guest sees IMG as a virtio-blk disk.
  *
@@ -23,9 +23,17 @@ export interface ServeOptions {
   readonly format?: 'raw' | 'qcow' | 'qcow2';
   readonly numQueues?: number;
   readonly queueSize?: number;
+  /** Longest adaptive poll window per queue in µs (0: off). Default `DEFAULT_POLL_MAX_US`. */
+  readonly pollMaxUs?: number;
   /** Log sink (one line per event); default stderr. */
   readonly log?: (line: string) => void;
 }
+
+/**
+ * Default longest poll window of `vblk serve` (µs). QEMU's iothreads poll up to 32 µs by default;
+ * measured in the TCG guest at iodepth 32, windows of DEFAULT us did best (docs/vhost-user.md).
+ */
+export const DEFAULT_POLL_MAX_US = 300;
 
 /** A running `vblk serve`: the server, the device, the disk, and `stop()`. */
 export interface Serving {
@@ -52,6 +60,7 @@ export async function serveImage(o: ServeOptions): Promise<Serving> {
     device = new VirtioBlkDevice(disk, {
       numQueues: o.numQueues ?? 1,
       queueSize: o.queueSize ?? 256,
+      pollMaxUs: o.pollMaxUs ?? DEFAULT_POLL_MAX_US,
       ...(o.readonly ? { readonly: true } : {}),
     });
     server = await VhostUserServer.listen({
@@ -87,9 +96,9 @@ export async function serveImage(o: ServeOptions): Promise<Serving> {
 export const serveCommand: Command = {
   name: 'serve',
   summary: 'serve an image as a vhost-user-blk back-end on a Unix socket (for QEMU, cloud-hypervisor)',
-  usage: 'serve --socket PATH [--readonly] [--num-queues N] [--queue-size Q] [-f FMT] IMG',
+  usage: 'serve --socket PATH [--readonly] [--num-queues N] [--queue-size Q] [--poll-max-us U] [-f FMT] IMG',
   async run(argv, io: CliIO) {
-    const a = parseArgs(argv, { values: 'f', longValues: ['socket', 'num-queues', 'queue-size'], longFlags: ['readonly'] });
+    const a = parseArgs(argv, { values: 'f', longValues: ['socket', 'num-queues', 'queue-size', 'poll-max-us'], longFlags: ['readonly'] });
     const image = a.positional[0];
     if (image === undefined || a.positional.length > 1) throw new UsageError('serve needs exactly one image');
     const socketPath = a.get('socket');
@@ -100,6 +109,8 @@ export const serveCommand: Command = {
     if (queueSize < 2 || queueSize > 32768 || (queueSize & (queueSize - 1)) !== 0) {
       throw new UsageError(`--queue-size ${queueSize} is not a power of two in 2..32768`);
     }
+    const pollMaxUs = a.has('poll-max-us') ? parseCount(a.get('poll-max-us') ?? '', 'poll-max-us') : DEFAULT_POLL_MAX_US;
+    if (pollMaxUs > 1_000_000) throw new UsageError(`--poll-max-us ${pollMaxUs} is not 0..1000000`);
     const format = parseFormat(a.get('f'));
     const log = (line: string): void => void io.stderr.write(`vblk serve: ${line}\n`);
     const s = await serveImage({
@@ -108,6 +119,7 @@ export const serveCommand: Command = {
       readonly: a.has('readonly'),
       numQueues,
       queueSize,
+      pollMaxUs,
       ...(format ? { format } : {}),
       log,
     });

@@ -89,6 +89,8 @@ export function bootGuest(o: BootOptions): Promise<BootResult> {
   const args = [
     '-accel', 'tcg', '-cpu', 'max', '-m', String(mem), '-smp', String(o.cpus ?? 1),
     '-nographic', '-no-reboot', '-nodefaults', '-serial', 'stdio',
+    // Thread names ("CPU 0/TCG"): lets a benchmark find and pin the vCPU thread.
+    '-name', 'vblk-guest,debug-threads=on',
     '-kernel', path.join(dir, 'vmlinuz'),
     '-initrd', path.join(dir, 'initramfs.gz'),
     '-append', `console=ttyS0 reboot=t panic=-1 quiet vblk.run=${o.workload} ${params}`.trim(),
