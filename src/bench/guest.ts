@@ -8,12 +8,15 @@
  * order alternates between rounds (VBLK_BENCH_ROUNDS, default 1) and the best round is kept, so a
  * noisy neighbour on a shared machine penalises both sides alike. Formats: VBLK_BENCH_GUEST_FORMATS
  * (default "raw,qcow2"; the qcow2 image is fully allocated by converting the filled raw one).
+ * Threads are pinned the same way for both back-ends (pin.ts; VBLK_BENCH_GUEST_PIN=0 leaves them
+ * to the scheduler).
  */
 import * as child from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { bootGuest, guestUnavailableReason } from '../transport/vhost-user/qemu-guest';
 import { hasTool, tool, warmPageCache, writeFilledRaw } from './suite';
+import { pinGuestLayout, pinUnavailableReason } from './pin';
 import type { BenchRow, BenchSuite } from './suite';
 
 /** fio rows run in the guest: name, rw, block size, iodepth, unit. */
@@ -64,7 +67,7 @@ function startBackend(kind: 'vblk' | 'qsd', image: string, format: 'raw' | 'qcow
 }
 
 /** One guest boot against one back-end: every row, parsed from `VBLK-BENCH name iops kib`. */
-async function measure(kind: 'vblk' | 'qsd', image: string, format: 'raw' | 'qcow2', dir: string, secs: number): Promise<Measured> {
+async function measure(kind: 'vblk' | 'qsd', image: string, format: 'raw' | 'qcow2', dir: string, secs: number, pin: boolean): Promise<Measured> {
   const socket = path.join(dir, `${kind}.sock`);
   fs.rmSync(socket, { force: true });
   warmPageCache(image); // both back-ends start from a warm page cache
@@ -72,7 +75,20 @@ async function measure(kind: 'vblk' | 'qsd', image: string, format: 'raw' | 'qco
   try {
     await waitForSocket(socket, proc, kind);
     const bench = ROWS.map((r) => `${r.name}:${r.rw}:${r.bs}:${r.qd}`).join(',');
-    const res = await bootGuest({ socket, workload: 'bench', params: { bench, secs, benchsize: 128 }, timeoutMs: 60_000 + ROWS.length * (secs + 2) * 2000 });
+    let pinned: Promise<unknown> = Promise.resolve();
+    const res = await bootGuest({
+      socket,
+      workload: 'bench',
+      params: { bench, secs, benchsize: 128 },
+      timeoutMs: 60_000 + ROWS.length * (secs + 2) * 2000,
+      onStart: (q) => {
+        // Caught now (an unhandled rejection would end the bench), rethrown after the boot.
+        if (pin && q.pid !== undefined && proc.pid !== undefined) pinned = pinGuestLayout(q.pid, proc.pid).catch((e: unknown) => e);
+      },
+    });
+    const pinError = await pinned;
+    // A layout that could not be applied fails the measurement rather than passing as pinned.
+    if (pinError instanceof Error) throw new Error(`${kind}: cannot pin the guest's threads: ${pinError.message}`);
     const out: Measured = new Map();
     for (const l of res.lines) {
       const m = /^VBLK-BENCH (\S+) ([\d.]+) ([\d.]+)/.exec(l);
@@ -109,6 +125,9 @@ export const guestSuite: BenchSuite = {
   },
   async run(ctx) {
     const secs = Math.max(2, Math.round(3 * ctx.scale));
+    const noPin = process.env['VBLK_BENCH_GUEST_PIN'] === '0' ? 'VBLK_BENCH_GUEST_PIN=0' : pinUnavailableReason();
+    const pin = noPin === undefined;
+    ctx.progress(pin ? 'guest suite: vCPU thread pinned alone on CPU 0, QEMU\'s other threads and the back-end on CPU 1' : `guest suite: not pinned (${noPin})`);
     const rounds = Math.max(1, Number(process.env['VBLK_BENCH_ROUNDS'] ?? '1'));
     const formats = (process.env['VBLK_BENCH_GUEST_FORMATS'] ?? 'raw,qcow2').split(',').filter((f): f is 'raw' | 'qcow2' => f === 'raw' || f === 'qcow2');
     const raw = path.join(ctx.dir, 'guest.raw');
@@ -128,7 +147,7 @@ export const guestSuite: BenchSuite = {
         const order: ('vblk' | 'qsd')[] = round % 2 === 0 ? ['qsd', 'vblk'] : ['vblk', 'qsd'];
         for (const kind of order) {
           ctx.progress(`guest suite: ${format}, round ${round + 1}/${rounds}, fio in the guest over ${kind}`);
-          best = { ...best, [kind]: better(best[kind], await measure(kind, image, format, ctx.dir, secs)) };
+          best = { ...best, [kind]: better(best[kind], await measure(kind, image, format, ctx.dir, secs, pin)) };
         }
       }
       for (const r of ROWS) {
@@ -141,7 +160,7 @@ export const guestSuite: BenchSuite = {
           peerName: 'qemu-storage-daemon',
           peer: mib ? p.kib / 1024 : p.iops,
           vblk: mib ? v.kib / 1024 : v.iops,
-          note: 'QEMU TCG guest',
+          note: pin ? 'QEMU TCG guest, vCPU pinned' : 'QEMU TCG guest, unpinned',
         });
       }
     }

@@ -1,11 +1,13 @@
 /** The bench framework's pure parts (src/bench/suite.ts): parsing peer output and the table. */
 import { expect } from 'chai';
+import * as child from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { fmtValue, formatTable, runSeconds } from '../../src/bench/suite';
 import { runDeviceBench } from '../../src/bench/device';
 import { openDiskImage } from '../../src/disk/open';
+import { pinGuestLayout, pinUnavailableReason } from '../../src/bench/pin';
 
 describe('bench suite helpers', function () {
   it('runSeconds reads "Run completed in X seconds." from qemu-img bench and vblk bench output', function () {
@@ -79,5 +81,68 @@ describe('device bench (src/bench/device.ts)', function () {
     } finally {
       await disk.close();
     }
+  });
+});
+
+describe('guest bench CPU layout (src/bench/pin.ts)', function () {
+  this.timeout(20_000);
+  const children: child.ChildProcess[] = [];
+  afterEach(() => {
+    for (const c of children.splice(0)) c.kill('SIGKILL');
+  });
+
+  /** A Node child whose main thread is named `name` (libuv sets the thread name from the title). */
+  async function namedProcess(name: string): Promise<number> {
+    const c = child.spawn(process.execPath, ['-e', `process.title = ${JSON.stringify(name)}; setInterval(() => {}, 1000)`], { stdio: 'ignore' });
+    children.push(c);
+    const pid = c.pid ?? -1;
+    const deadline = Date.now() + 5000;
+    while (Date.now() < deadline) {
+      try {
+        if (fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === name) return pid;
+      } catch {
+        // not started yet
+      }
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    throw new Error(`child ${pid} did not take the name ${name}`);
+  }
+
+  function cpusOf(pid: number): Map<string, string> {
+    const out = new Map<string, string>();
+    for (const t of fs.readdirSync(`/proc/${pid}/task`)) {
+      const status = fs.readFileSync(`/proc/${pid}/task/${t}/status`, 'utf8');
+      const comm = fs.readFileSync(`/proc/${pid}/task/${t}/comm`, 'utf8').trim();
+      out.set(`${t} ${comm}`, /^Cpus_allowed_list:\s*(\S+)/m.exec(status)?.[1] ?? '?');
+    }
+    return out;
+  }
+
+  it('puts the vCPU thread alone on CPU 0 and every other thread of QEMU and the back-end on CPU 1', async function () {
+    const why = pinUnavailableReason();
+    if (why !== undefined) {
+      console.log(`      (skipped: ${why})`);
+      this.skip();
+    }
+    const fakeQemu = await namedProcess('CPU 0/TCG');
+    const backend = await namedProcess('backend');
+    await pinGuestLayout(fakeQemu, backend);
+    const q = cpusOf(fakeQemu);
+    const vcpu = [...q.entries()].filter(([k]) => k.endsWith(' CPU 0/TCG'));
+    expect(vcpu.map(([, v]) => v)).to.deep.equal(['0']);
+    for (const [k, v] of q) if (!k.endsWith(' CPU 0/TCG')) expect(v, k).to.equal('1');
+    for (const [k, v] of cpusOf(backend)) expect(v, k).to.equal('1');
+  });
+
+  it('fails naming the process when it has no vCPU thread', async function () {
+    if (pinUnavailableReason() !== undefined) this.skip();
+    const plain = await namedProcess('not-a-vcpu');
+    let err: unknown;
+    try {
+      await pinGuestLayout(plain, plain, 200);
+    } catch (e) {
+      err = e;
+    }
+    expect(String(err)).to.include(`no vCPU thread ("CPU n/...") in process ${plain} after 200 ms`);
   });
 });

@@ -57,6 +57,8 @@ export interface BootOptions {
   readonly timeoutMs?: number;
   /** Called for every line the guest prints with a VBLK- marker. */
   readonly onLine?: (line: string, qemu: child.ChildProcess) => void;
+  /** Called once QEMU has been spawned (a benchmark pins its threads here). */
+  readonly onStart?: (qemu: child.ChildProcess) => void;
 }
 
 /** What a boot produced. */
@@ -102,6 +104,7 @@ export function bootGuest(o: BootOptions): Promise<BootResult> {
   const start = Date.now();
   return new Promise((resolve, reject) => {
     const q = child.spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    o.onStart?.(q);
     const lines: string[] = [];
     let tail = '';
     let partial = '';
