@@ -23,9 +23,12 @@
  *   changed (a kick-driven guest looks slower than a polled one, so the gaps seen without
  *   polling cannot tell). Each failed probe doubles the wait before the next one (from
  *   `PROBE_FIRST_NS` up to `PROBE_MAX_NS`); a hit rate above one half resets it.
- * - **Window size.** 1.5x the moving average of the gaps the window caught, between `minNs` and
- *   `maxNs`; a probe starts at `maxNs`. Gaps the window missed do not count, so when the gaps
- *   have two modes the window settles on the shorter one. That is what the TCG guest wanted at
+ * - **Window size.** Twice the moving mean of the gaps the window caught, between `minNs` and
+ *   `maxNs`; a probe starts at `maxNs`. Misses do not count, so when the gaps have two modes the
+ *   window settles on the shorter one. (At 1.5x the mean the window could shrink below the upper
+ *   part of the mode, catch only its shorter gaps, shrink further, and polling died every few
+ *   thousand requests until the next probe. Mean plus 4 mean deviations, as TCP sizes its
+ *   retransmission timeout, did the same in this guest.) That is what the TCG guest wanted at
  *   iodepth 32: its gaps were ~40 µs (a request it made without kicking) or ~150 µs, and a
  *   64 µs window did better than 200 µs, which caught both (10.3k against 8.6k IOPS; the long
  *   window drew more interrupts per request). At iodepth 1 the only mode is ~170 µs, and a
@@ -57,6 +60,8 @@ export const PROBE_MAX_NS = 1e9;
 /** Weight of the newest sample in the hit rate and in the short-gap average. */
 const HIT_ALPHA = 1 / 32;
 const GAP_ALPHA = 1 / 8;
+/** The window is this many times the mean caught gap. */
+const WINDOW_PER_GAP = 2;
 /** A probe starts from this hit rate: 35 straight misses end it. */
 const PROBE_START_RATE = 0.3;
 
@@ -71,7 +76,8 @@ export class AdaptivePoll {
   /** Current window while on, in nanoseconds. */
   #windowNs: number;
   #hitRate = PROBE_START_RATE;
-  #hitGapNs: number;
+  /** Mean of the caught gaps (NaN: none since the probe began). */
+  #hitGapNs = Number.NaN;
   /** When the next probe may start, and the wait that follows a failed one. */
   #probeAt: number;
   #probeWaitNs = PROBE_FIRST_NS;
@@ -89,7 +95,6 @@ export class AdaptivePoll {
     this.minNs = Math.min(opts.minNs ?? 4000, opts.maxNs);
     this.#clock = opts.clock ?? defaultClock;
     this.#windowNs = this.maxNs;
-    this.#hitGapNs = this.maxNs;
     this.#probeAt = this.#clock() + PROBE_FIRST_NS;
   }
 
@@ -111,6 +116,7 @@ export class AdaptivePoll {
       this.#on = true;
       this.#hitRate = PROBE_START_RATE;
       this.#windowNs = this.maxNs;
+      this.#hitGapNs = Number.NaN; // the workload may have changed: learn its gaps afresh
       this.probes++;
     }
     this.#idleSince = now;
@@ -139,8 +145,8 @@ export class AdaptivePoll {
     if (hit) {
       this.hits++;
       // Only caught gaps move the window: it settles on the shortest mode of the gaps (see above).
-      this.#hitGapNs += (gap - this.#hitGapNs) * GAP_ALPHA;
-      this.#windowNs = Math.min(this.maxNs, Math.max(this.minNs, 1.5 * this.#hitGapNs));
+      this.#hitGapNs = Number.isNaN(this.#hitGapNs) ? gap : this.#hitGapNs + (gap - this.#hitGapNs) * GAP_ALPHA;
+      this.#windowNs = Math.min(this.maxNs, Math.max(this.minNs, WINDOW_PER_GAP * this.#hitGapNs));
     } else {
       this.misses++;
     }

@@ -68,11 +68,11 @@ describe('AdaptivePoll', () => {
     expect(c.p.open()).to.equal(false);
   });
 
-  it('the window settles at 1.5x the gaps it catches', () => {
+  it('the window settles at twice the gaps it catches', () => {
     const c = policy(300 * US);
     probe(c);
     for (let i = 0; i < 100; i++) idleThenArrive(c, 40 * US);
-    expect(c.p.windowNs).to.be.closeTo(60 * US, 1 * US);
+    expect(c.p.windowNs).to.be.closeTo(80 * US, 1 * US);
     expect(c.p.polling).to.equal(true);
   });
 
