@@ -31,7 +31,9 @@ export interface ServeOptions {
 
 /**
  * Default longest poll window of `vblk serve` (µs). QEMU's iothreads poll up to 32 µs by default;
- * measured in the TCG guest at iodepth 32, windows of DEFAULT us did best (docs/vhost-user.md).
+ * the TCG test guest needed ~250 µs to be caught at iodepth 1 (its round trip is ~170 µs). The
+ * window shrinks to twice the gaps it catches, so a faster guest polls for less
+ * (docs/vhost-user.md, "Adaptive polling").
  */
 export const DEFAULT_POLL_MAX_US = 300;
 
