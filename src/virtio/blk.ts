@@ -79,6 +79,8 @@ export class VirtioBlkDevice implements VirtioDevice {
   /** Longest adaptive poll window per queue, in nanoseconds (0: no polling). */
   readonly pollMaxNs: number;
   readonly pollClock: PollClock | undefined;
+  #pollHits = 0;
+  #pollMisses = 0;
   readonly #defaultWriteback: number;
   readonly #optIoSize: number;
   #driverFeatures = 0n;
@@ -297,6 +299,8 @@ export class VirtioBlkDevice implements VirtioDevice {
     if (w === undefined) return 0;
     const next = await w.stop();
     this.#queues[index] = undefined;
+    this.#pollHits += w.poll.hits;
+    this.#pollMisses += w.poll.misses;
     return next;
   }
 
@@ -318,6 +322,20 @@ export class VirtioBlkDevice implements VirtioDevice {
 
   onConfigChange(cb: () => void): void {
     this.#configListeners.push(cb);
+  }
+
+  /**
+   * Poll windows since the device was created, over all queues (stopped ones included): `hits`
+   * found a request without a kick, `misses` closed empty.
+   */
+  get pollCounts(): { hits: number; misses: number } {
+    let hits = this.#pollHits;
+    let misses = this.#pollMisses;
+    for (const w of this.#queues) {
+      hits += w?.poll.hits ?? 0;
+      misses += w?.poll.misses ?? 0;
+    }
+    return { hits, misses };
   }
 
   /** The poll policy of running queue `index` (undefined when it is not running). */

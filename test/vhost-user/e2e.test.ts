@@ -135,8 +135,8 @@ describe('vhost-user e2e: a Linux guest on vblk serve (QEMU TCG)', function () {
 
   it('adaptive polling: at iodepth 32 the Linux driver kicks far less per request than with polling off', async () => {
     const img = rawImage('kicks.raw', 64 << 20);
-    /** Kicks per request over a 3 s fio random-read run at iodepth 32. */
-    const kicksPerRequest = async (extra: string[]): Promise<number> =>
+    /** Kicks per request over a 3 s fio random-read run at iodepth 32, and serve's log. */
+    const kicksPerRequest = async (extra: string[]): Promise<{ ratio: number; log: string }> =>
       withServe(img, extra, async (s) => {
         const secs = 3;
         const r = await bootGuest({ socket: s.socket, workload: 'bench', params: { bench: 'kicks:randread:4k:32', secs, benchsize: 64 }, timeoutMs: 90_000 });
@@ -148,12 +148,17 @@ describe('vhost-user e2e: a Linux guest on vblk serve (QEMU TCG)', function () {
         const k = /kicks per queue: (\d+)/.exec(s.output);
         expect(k, s.output).to.not.equal(null);
         // fio ramps up for 1 s before it counts: about secs + 1 seconds of requests in all.
-        return Number(k?.[1]) / (Number(m?.[1]) * (secs + 1));
+        return { ratio: Number(k?.[1]) / (Number(m?.[1]) * (secs + 1)), log: s.output };
       });
     const off = await kicksPerRequest(['--poll-max-us', '0']);
     const on = await kicksPerRequest([]);
-    expect(off, 'kicks per request with polling off').to.be.greaterThan(0.5);
-    expect(on, `kicks per request with polling on (off: ${off.toFixed(2)})`).to.be.lessThan(0.75 * off);
+    expect(off.ratio, 'kicks per request with polling off').to.be.greaterThan(0.5);
+    expect(on.ratio, `kicks per request with polling on (off: ${off.ratio.toFixed(2)})`).to.be.lessThan(0.75 * off.ratio);
+    // The disconnect line says how many requests polling found, and says nothing of it when off.
+    const found = /requests found by polling: (\d+) \(of (\d+) poll windows\)/.exec(on.log);
+    expect(found, on.log).to.not.equal(null);
+    expect(Number(found?.[1])).to.be.greaterThan(1000);
+    expect(off.log).to.not.include('found by polling');
   });
 
   it('driver reload in the guest (rings stopped with GET_VRING_BASE and restarted) keeps the data and the service', async () => {

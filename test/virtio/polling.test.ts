@@ -114,6 +114,15 @@ describe('VirtioBlkDevice adaptive polling', () => {
     expect(s.dev.pollPolicy(0)?.hits).to.equal(before + 1);
   });
 
+  it('pollCounts keeps the windows of a stopped queue', async () => {
+    const { s } = pollingSetup();
+    await serveFirst(s);
+    const sub = s.drv.submit(0, { type: VIRTIO_BLK_T.IN, sector: 1, readLen: 512 });
+    await s.drv.complete([sub]);
+    await s.dev.stopQueue(0);
+    expect(s.dev.pollCounts.hits).to.equal(1);
+  });
+
   it('the poll finds ring corruption without a kick and the device asks for a reset', async () => {
     const { s, q } = pollingSetup();
     await serveFirst(s);

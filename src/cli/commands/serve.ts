@@ -129,9 +129,15 @@ export const serveCommand: Command = {
     io.stdout.write(`vblk serve: serving ${image} (${s.disk.format}, ${s.disk.size} bytes${ro}) on ${socketPath}\n`);
     s.server.on('connect', () => log(`front-end connected (session ${s.server.sessions})`));
     let signalled = false;
-    s.server.on('disconnect', (info: { kicks: number[] }) =>
-      log(`front-end disconnected (kicks per queue: ${info.kicks.join(', ')}); image flushed${signalled ? '' : ', waiting for the next connection'}`),
-    );
+    let polledBefore = s.device.pollCounts;
+    s.server.on('disconnect', (info: { kicks: number[] }) => {
+      const p = s.device.pollCounts;
+      const hits = p.hits - polledBefore.hits;
+      const windows = hits + p.misses - polledBefore.misses;
+      polledBefore = p;
+      const polled = s.device.pollMaxNs > 0 ? `; requests found by polling: ${hits} (of ${windows} poll windows)` : '';
+      log(`front-end disconnected (kicks per queue: ${info.kicks.join(', ')}${polled}); image flushed${signalled ? '' : ', waiting for the next connection'}`);
+    });
     await new Promise<void>((resolve) => {
       const onSignal = (sig: NodeJS.Signals): void => {
         signalled = true;
