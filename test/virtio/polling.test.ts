@@ -114,6 +114,12 @@ describe('VirtioBlkDevice adaptive polling', () => {
     expect(s.dev.pollPolicy(0)?.hits).to.equal(before + 1);
   });
 
+  it('refuses a poll window that is negative, not a number, or over a second', () => {
+    for (const bad of [-1, Number.NaN, 1_000_001]) {
+      expect(() => setup({ dev: { pollMaxUs: bad }, start: false }), String(bad)).to.throw(RangeError, /pollMaxUs .* is not 0\.\.1000000/);
+    }
+  });
+
   it('pollCounts keeps the windows of a stopped queue', async () => {
     const { s } = pollingSetup();
     await serveFirst(s);
