@@ -34,6 +34,14 @@ int64_t vblk_close(int32_t fd)
 	return close(fd) < 0 ? -(int64_t)errno : 0;
 }
 
+/* lseek(2), for SEEK_DATA / SEEK_HOLE (Node's fs has neither): the new offset or -errno
+   (-ENXIO: no data at or after `offset`). */
+int64_t vblk_lseek(int32_t fd, int64_t offset, int32_t whence)
+{
+	off_t r = lseek(fd, (off_t)offset, whence);
+	return r < 0 ? -(int64_t)errno : (int64_t)r;
+}
+
 int64_t vblk_ioctl(int32_t fd, uint64_t request, uint64_t arg)
 {
 	int r = ioctl(fd, (unsigned long)request, (unsigned long)arg);

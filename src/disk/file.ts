@@ -1,6 +1,7 @@
 import * as fs from 'node:fs';
 import { DiskError } from '../errors';
 import { SyncFirstPolicy } from './sync-first';
+import { seekDataOrHole } from '../native/libc';
 
 /**
  * The host file under a disk image. Every format reads and writes through this interface, so a
@@ -21,6 +22,36 @@ export interface ImageFile {
   size(): Promise<number>;
   truncate(length: number): Promise<void>;
   close(): Promise<void>;
+  /**
+   * Whether the file holds data or a hole at `offset`, and for how many bytes (at most `length`;
+   * past EOF counts as a hole). Optional, synchronous; undefined when the file cannot say (no
+   * SEEK_DATA here, the native library missing). `map` uses it to report holes as qemu-img does.
+   */
+  extent?(offset: number, length: number): FileExtent | undefined;
+}
+
+/** A run of a host file that is all data or all hole. */
+export interface FileExtent {
+  readonly data: boolean;
+  readonly length: number;
+}
+
+/** SEEK_DATA works in this process (false once a call failed: no native library, old kernel). */
+let seekWorks = true;
+
+/** `ImageFile.extent` over a file descriptor, with lseek SEEK_DATA / SEEK_HOLE. */
+export function fdExtent(fd: number, offset: number, length: number): FileExtent | undefined {
+  if (!seekWorks || length <= 0) return undefined;
+  try {
+    const data = seekDataOrHole(fd, offset, 'data');
+    if (data === undefined) return { data: false, length }; // no data at or after offset
+    if (data > offset) return { data: false, length: Math.min(length, data - offset) };
+    const hole = seekDataOrHole(fd, offset, 'hole') ?? offset + length;
+    return { data: true, length: Math.max(1, Math.min(length, hole - offset)) };
+  } catch {
+    seekWorks = false; // this is extra information: without it every byte counts as data
+    return undefined;
+  }
 }
 
 function ioError(op: string, path: string, err: unknown): DiskError {
@@ -161,6 +192,10 @@ export class NodeImageFile implements ImageFile {
   sync(): Promise<void> {
     if (!this.writable) return Promise.resolve();
     return new Promise((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(ioError('sync', this.path, err)) : resolve())));
+  }
+
+  extent(offset: number, length: number): FileExtent | undefined {
+    return fdExtent(this.fd, offset, length);
   }
 
   size(): Promise<number> {

@@ -29,8 +29,12 @@ export class RawState implements ByteReader {
     if (n < buf.length) buf.fill(0, n);
   }
 
+  /** Data, or a hole of the host file (zero, as qemu's file driver reports it via SEEK_DATA). */
   blockStatus(offset: number, length: number): BlockStatus {
-    return { length: Math.min(length, this.size - offset), present: true, zero: false, data: true, depth: 0, offset, filename: this.path };
+    const n = Math.min(length, this.size - offset);
+    const e = this.file.extent?.(offset, n);
+    const hole = e !== undefined && !e.data;
+    return { length: e?.length ?? n, present: true, zero: hole, data: !hole, depth: 0, offset, filename: this.path };
   }
 
   describe(): ImageDescription {

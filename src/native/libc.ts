@@ -39,6 +39,21 @@ export function open(path: string, flags: number, mode = 0): number {
   return checkErrno(callI64('vblk', 'vblk_open', [arg.string(path), arg.i32(flags), arg.i32(mode)]), `open ${path}`);
 }
 
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+const ENXIO = 6;
+
+/**
+ * lseek(2) with SEEK_DATA (`'data'`) or SEEK_HOLE (`'hole'`): the offset of the first byte of
+ * data, or of the first hole, at or after `offset`; undefined when there is no data there (ENXIO).
+ * A file system without hole tracking reports the whole file as data.
+ */
+export function seekDataOrHole(fd: number, offset: number, what: 'data' | 'hole'): number | undefined {
+  const r = callI64('vblk', 'vblk_lseek', [arg.i32(fd), arg.i64(offset), arg.i32(what === 'data' ? SEEK_DATA : SEEK_HOLE)]);
+  if (r === BigInt(-ENXIO)) return undefined;
+  return checkErrno(r, `lseek fd ${fd} to the next ${what} at ${offset}`);
+}
+
 /** close(2). */
 export function close(fd: number): void {
   checkErrno(callI64('vblk', 'vblk_close', [arg.i32(fd)]), `close fd ${fd}`);

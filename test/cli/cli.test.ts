@@ -109,6 +109,31 @@ describe('vblk CLI', function () {
       expect(ours.stdout).to.match(/\nbase\.qcow2|base\.qcow2\n/);
     });
 
+    /** A 4 MiB raw file: data at 0-1 MiB and 3-3.25 MiB, holes elsewhere (SEEK_DATA / SEEK_HOLE). */
+    function sparseRaw(): string {
+      const f = tmp.file('sparse.raw');
+      fs.writeFileSync(f, '');
+      fs.truncateSync(f, 4 << 20);
+      const fd = fs.openSync(f, 'r+');
+      fs.writeSync(fd, Buffer.alloc(1 << 20, 0x5a), 0, 1 << 20, 0);
+      fs.writeSync(fd, Buffer.alloc(256 << 10, 0xa5), 0, 256 << 10, 3 << 20);
+      fs.closeSync(fd);
+      return f;
+    }
+
+    it('a sparse raw image: holes are "zero", not "data", exactly as in qemu-img map --output=json', async () => {
+      const f = sparseRaw();
+      const r = await vblk('map', '--output=json', '-f', 'raw', f);
+      expect(r.stdout).to.equal(qemuImg('map', '--output=json', '-f', 'raw', f));
+      expect(r.stdout).to.include('"zero": true, "data": false');
+    });
+
+    it('a sparse raw image: human output lists only the data, as qemu-img map does', async () => {
+      const f = sparseRaw();
+      const r = await vblk('map', '-f', 'raw', f);
+      expect(r.stdout).to.equal(qemuImg('map', '-f', 'raw', f));
+    });
+
     it('exits 1 on a corrupt image', async () => {
       const f = tmp.file('bad-map.qcow2');
       fs.copyFileSync(base, f);

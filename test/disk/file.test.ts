@@ -202,3 +202,38 @@ describe('NodeImageFile: synchronous-first I/O', function () {
     }
   });
 });
+
+describe('NodeImageFile.extent (SEEK_DATA / SEEK_HOLE)', () => {
+  const tmp = useTempDir();
+
+  /** 1 MiB: data at 256-384 KiB only. */
+  async function sparse(): Promise<NodeImageFile> {
+    const f = tmp.file('extent.raw');
+    fs.writeFileSync(f, '');
+    fs.truncateSync(f, 1 << 20);
+    const fd = fs.openSync(f, 'r+');
+    fs.writeSync(fd, Buffer.alloc(128 << 10, 1), 0, 128 << 10, 256 << 10);
+    fs.closeSync(fd);
+    return NodeImageFile.open(f, { writable: false });
+  }
+
+  it('a hole runs up to the next data', async () => {
+    const file = await sparse();
+    expect(file.extent(0, 1 << 20)).to.deep.equal({ data: false, length: 256 << 10 });
+    await file.close();
+  });
+
+  it('data runs up to the next hole, and never past the length asked', async () => {
+    const file = await sparse();
+    expect(file.extent(256 << 10, 1 << 20)).to.deep.equal({ data: true, length: 128 << 10 });
+    expect(file.extent(256 << 10, 4096)).to.deep.equal({ data: true, length: 4096 });
+    await file.close();
+  });
+
+  it('the tail after the last data, and past EOF, is a hole', async () => {
+    const file = await sparse();
+    expect(file.extent(512 << 10, 512 << 10)).to.deep.equal({ data: false, length: 512 << 10 });
+    expect(file.extent(2 << 20, 4096)).to.deep.equal({ data: false, length: 4096 });
+    await file.close();
+  });
+});

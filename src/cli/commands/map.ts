@@ -60,11 +60,11 @@ export function mapJson(entries: readonly MapEntry[]): string {
 
 const hx = (n: number): string => (n === 0 ? '0' : '0x' + n.toString(16));
 
-/** `qemu-img map` human text: data runs with a host offset, contiguous ones in the same file merged. */
+/** `qemu-img map` human text: non-zero data runs with a host offset, contiguous ones in the same file merged. */
 export function mapHuman(entries: readonly MapEntry[]): string {
   const rows: { start: number; length: number; offset: number; file: string }[] = [];
   for (const e of entries) {
-    if (!e.data || e.offset === undefined) continue;
+    if (!e.data || e.zero || e.offset === undefined) continue; // qemu-img: DATA set and ZERO clear
     const file = e.filename ?? '';
     const last = rows[rows.length - 1];
     if (last && last.file === file && last.start + last.length === e.start && last.offset + last.length === e.offset) last.length += e.length;
