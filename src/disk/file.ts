@@ -28,6 +28,8 @@ export interface ImageFile {
    * SEEK_DATA here, the native library missing). `map` uses it to report holes as qemu-img does.
    */
   extent?(offset: number, length: number): FileExtent | undefined;
+  /** Bytes the file occupies on disk (st_blocks x 512). Optional. */
+  allocatedBytes?(): Promise<number>;
 }
 
 /** A run of a host file that is all data or all hole. */
@@ -196,6 +198,10 @@ export class NodeImageFile implements ImageFile {
 
   extent(offset: number, length: number): FileExtent | undefined {
     return fdExtent(this.fd, offset, length);
+  }
+
+  allocatedBytes(): Promise<number> {
+    return new Promise((resolve, reject) => fs.fstat(this.fd, (err, st) => (err ? reject(ioError('stat', this.path, err)) : resolve(st.blocks * 512))));
   }
 
   size(): Promise<number> {

@@ -134,6 +134,16 @@ describe('vblk CLI', function () {
       expect(r.stdout).to.equal(qemuImg('map', '-f', 'raw', f));
     });
 
+    it('qcow2 with preallocation=metadata: clusters over host holes are "zero", as qemu-img map says', async () => {
+      const f = tmp.file('prealloc-meta.qcow2');
+      qemuImg('create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', f, '4M');
+      run('qemu-io', ['-c', 'write -P 7 1M 64k', f]);
+      const json = await vblk('map', '--output=json', f);
+      expect(json.stdout).to.equal(qemuImg('map', '--output=json', f));
+      expect(json.stdout).to.include('"zero": true, "data": true');
+      expect((await vblk('map', f)).stdout).to.equal(qemuImg('map', f));
+    });
+
     it('exits 1 on a corrupt image', async () => {
       const f = tmp.file('bad-map.qcow2');
       fs.copyFileSync(base, f);

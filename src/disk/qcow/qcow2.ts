@@ -33,6 +33,7 @@ import {
 import { L2Cache, L2Table } from './l2-cache';
 import { assertCompressionSupported, inflateCluster } from './compress';
 import { readBytesAt, backingStatus, type ByteReader } from './chain';
+import { REFT_OFFSET_MASK, getRefcount, refblockEntries } from './refcount';
 
 /** QEMU's limit on the L1 table (QCOW_MAX_L1_SIZE, 32 MiB = 4 Mi entries). */
 export const MAX_L1_BYTES = 32 * 1024 * 1024;
@@ -81,6 +82,8 @@ const TWO32 = 0x100000000;
 
 /** The state of an open qcow2 image (`DiskImage.priv`). */
 export class Qcow2State implements ByteReader {
+  /** Whether the image looks metadata-preallocated (decided once, at the first block status). */
+  #metadataPreallocated: Promise<boolean> | undefined;
   readonly path: string;
   readonly file: ImageFile;
   readonly header: Qcow2Header;
@@ -424,13 +427,51 @@ export class Qcow2State implements ByteReader {
       if (k === Kind.Compressed) break;
     }
     const at = host === -1 ? {} : { offset: host, filename: this.path };
-    if (kind === Kind.Data) return { length: total, present: true, zero: false, data: true, depth: 0, ...at };
+    if (kind === Kind.Data) {
+      // qemu asks the host file (BDRV_BLOCK_RECURSE) only on images it takes for
+      // metadata-preallocated: there, data clusters over a host hole read as zeroes.
+      this.#metadataPreallocated ??= this.#detectMetadataPreallocation();
+      const e = (await this.#metadataPreallocated) ? this.file.extent?.(host, total) : undefined;
+      return { length: e?.length ?? total, present: true, zero: e !== undefined && !e.data, data: true, depth: 0, ...at };
+    }
     if (kind === Kind.Compressed) return { length: total, present: true, zero: false, data: true, depth: 0, filename: this.path };
     if (kind === Kind.Zero) return { length: total, present: true, zero: true, data: false, depth: 0, ...at };
     if (this.backing && offset < this.backing.size) {
       return backingStatus(this.backing, offset, Math.min(total, this.backing.size - offset), 1);
     }
     return { length: total, present: false, zero: true, data: false, depth: 0, ...at };
+  }
+
+  /**
+   * qemu's qcow2_detect_metadata_preallocation: the image counts as metadata-preallocated when
+   * the clusters of the file with a nonzero refcount reach max(10/9 x, 2 +) the clusters the file
+   * really occupies on disk. False when the file cannot tell its allocated size.
+   */
+  async #detectMetadataPreallocation(): Promise<boolean> {
+    const allocated = await this.file.allocatedBytes?.();
+    if (allocated === undefined) return false;
+    const cs = this.clusterSize;
+    const real = Math.floor(allocated / cs);
+    const threshold = Math.max(Math.floor((real * 10) / 9), real + 2);
+    const endCluster = Math.ceil((await this.file.size()) / cs);
+    const h = this.header;
+    const table = new Uint8Array(h.refcountTableClusters * cs);
+    await this.file.read(table, h.refcountTableOffset);
+    const view = new DataView(table.buffer, table.byteOffset, table.byteLength);
+    const perBlock = refblockEntries(this.clusterBits, h.refcountOrder);
+    const block = new Uint8Array(cs);
+    let count = 0;
+    for (let first = 0; first < endCluster && count < threshold; first += perBlock) {
+      const rtIdx = first / perBlock;
+      if ((rtIdx + 1) * 8 > table.length) break;
+      const off = Number(view.getBigUint64(rtIdx * 8) & REFT_OFFSET_MASK);
+      if (off === 0) continue;
+      block.fill(0);
+      await this.file.read(block, off);
+      const n = Math.min(perBlock, endCluster - first);
+      for (let i = 0; i < n && count < threshold; i++) if (getRefcount(block, i, h.refcountOrder) !== 0) count++;
+    }
+    return count >= threshold;
   }
 
   /** Facts for `vblk info` (qemu-img info field names). */
