@@ -430,7 +430,8 @@ export class Qcow2State implements ByteReader {
     if (kind === Kind.Data) {
       // qemu asks the host file (BDRV_BLOCK_RECURSE) only on images it takes for
       // metadata-preallocated: there, data clusters over a host hole read as zeroes.
-      this.#metadataPreallocated ??= this.#detectMetadataPreallocation();
+      // The guess is extra information: a refcount structure it cannot read means "no".
+      this.#metadataPreallocated ??= this.#detectMetadataPreallocation().catch(() => false);
       const e = (await this.#metadataPreallocated) ? this.file.extent?.(host, total) : undefined;
       return { length: e?.length ?? total, present: true, zero: e !== undefined && !e.data, data: true, depth: 0, ...at };
     }
