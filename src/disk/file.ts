@@ -42,7 +42,7 @@ export interface FileExtent {
 let seekWorks = true;
 
 /** `ImageFile.extent` over a file descriptor, with lseek SEEK_DATA / SEEK_HOLE. */
-export function fdExtent(fd: number, offset: number, length: number): FileExtent | undefined {
+function fdExtent(fd: number, offset: number, length: number): FileExtent | undefined {
   if (!seekWorks || length <= 0) return undefined;
   try {
     const data = seekDataOrHole(fd, offset, 'data');

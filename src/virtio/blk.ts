@@ -493,13 +493,7 @@ class BlkQueueWorker implements BlkRequestHost {
         q.disableNotification();
       }
     } catch (e) {
-      // Never throw out of queueNotify (the transport's event loop): ring corruption, or any
-      // unexpected failure, puts the device in DEVICE_NEEDS_RESET.
-      if (isVblkError(e, 'E_VIRTIO_RING')) this.device.markNeedsReset(e as VirtioError);
-      else {
-        const why = e instanceof Error ? e.message : String(e);
-        this.device.markNeedsReset(new VirtioError('E_VIRTIO_STATE', `Cannot process virtio-blk queue ${this.index}: ${why}`, {}, { cause: e }));
-      }
+      this.#needsReset(e, 'process');
     } finally {
       this.#draining = false;
       this.#publish(); // completions that happened synchronously (malformed chains, GET_ID...)
@@ -533,15 +527,26 @@ class BlkQueueWorker implements BlkRequestHost {
         this.#pollAfterIo = true;
         if (q.enableNotification()) this.drain();
       } else if (this.#poll.open()) {
-        this.#polling = true;
-        setImmediate(this.#pollCb);
+        this.#startPolling();
       } else if (q.enableNotification()) {
         this.drain(); // arrived just as the window closed, before kicks were back on
       }
     } catch (e) {
-      const why = e instanceof Error ? e.message : String(e);
-      this.device.markNeedsReset(new VirtioError('E_VIRTIO_STATE', `Cannot poll virtio-blk queue ${this.index}: ${why}`, {}, { cause: e }));
+      this.#needsReset(e, 'poll');
     }
+  }
+
+  /**
+   * Never throw out of queueNotify or a poll (the transport's event loop): ring corruption, or
+   * any unexpected failure, puts the device in DEVICE_NEEDS_RESET.
+   */
+  #needsReset(e: unknown, action: string): void {
+    if (isVblkError(e, 'E_VIRTIO_RING')) {
+      this.device.markNeedsReset(e as VirtioError);
+      return;
+    }
+    const why = e instanceof Error ? e.message : String(e);
+    this.device.markNeedsReset(new VirtioError('E_VIRTIO_STATE', `Cannot ${action} virtio-blk queue ${this.index}: ${why}`, {}, { cause: e }));
   }
 
   /** BlkRequestHost.finish: record the used entry; publish once per event-loop turn. */
