@@ -1,5 +1,5 @@
 import { DiskError, hex } from '../errors';
-import type { DiskImageOps, ImageFormat, BlockStatus, ImageDescription } from './types';
+import type { DiskHandle, DiskImageOps, ImageFormat, BlockStatus, ImageDescription } from './types';
 import { SECTOR_SIZE } from './types';
 
 /**
@@ -13,7 +13,7 @@ import { SECTOR_SIZE } from './types';
  *   await disk.readSector(8, buf);
  *   await disk.close();
  */
-export class DiskImage<P = unknown> {
+export class DiskImage<P = unknown> implements DiskHandle<P> {
   readonly path: string;
   readonly format: ImageFormat;
   /** Virtual size in bytes. */

@@ -8,7 +8,7 @@
 import { DiskError } from '../errors';
 import { DiskImage } from './disk-image';
 import type { ImageFile } from './file';
-import type { BlockStatus, DiskImageOps, ImageDescription } from './types';
+import type { BlockStatus, DiskHandle, DiskImageOps, ImageDescription } from './types';
 import { SECTOR_SIZE } from './types';
 import type { ByteReader } from './qcow/chain';
 
@@ -45,7 +45,7 @@ export class RawState implements ByteReader {
 const ZERO_CHUNK = 1 << 20;
 let zeroChunk: Uint8Array | undefined;
 
-function readSector(disk: DiskImage<RawState>, sector: number, buf: Uint8Array): Promise<number> {
+function readSector(disk: DiskHandle<RawState>, sector: number, buf: Uint8Array): Promise<number> {
   const s = disk.priv;
   return s.file.read(buf, sector * SECTOR_SIZE).then((n) => {
     if (n < buf.length) buf.fill(0, n); // the last partial sector of a file whose size is not a multiple of 512
@@ -53,7 +53,7 @@ function readSector(disk: DiskImage<RawState>, sector: number, buf: Uint8Array):
   });
 }
 
-async function close(disk: DiskImage<RawState>): Promise<void> {
+async function close(disk: DiskHandle<RawState>): Promise<void> {
   await disk.priv.file.close();
 }
 
@@ -93,7 +93,7 @@ export const rawOps: DiskImageOps<RawState> = {
   },
 };
 
-function rejectReadOnly(disk: DiskImage<RawState>, what: string): Promise<never> {
+function rejectReadOnly(disk: DiskHandle<RawState>, what: string): Promise<never> {
   return Promise.reject(new DiskError('E_DISK_READONLY', `Cannot ${what} ${disk.path}: the image is open read-only`));
 }
 

@@ -15,37 +15,49 @@
  * - Concurrent calls are allowed (many requests in flight); the table serialises what it must.
  * - After `close()` resolves, every other call rejects with `E_DISK_CLOSED`.
  */
-import type { DiskImage } from './disk-image';
-
 export const SECTOR_SIZE = 512;
 export const SECTOR_SHIFT = 9;
 
 export type ImageFormat = 'raw' | 'qcow' | 'qcow2';
 
+/**
+ * What an ops table sees of the image it serves: its identity and its private state (kvmtool's
+ * `disk->priv`). `DiskImage` implements it; keeping the table's view this narrow is what lets
+ * this module stand below `disk-image.ts` instead of importing it back.
+ */
+export interface DiskHandle<P = unknown> {
+  readonly path: string;
+  readonly format: ImageFormat;
+  /** Virtual size in bytes. */
+  readonly size: number;
+  readonly readonly: boolean;
+  readonly priv: P;
+}
+
 export interface DiskImageOps<P = unknown> {
   /** Name of this variant, for messages and `vblk info` ("raw", "qcow2-ro", ...). */
   readonly name: string;
   /** Reads `buf.length` bytes at `sector * 512`; resolves to the number of bytes read. */
-  readSector(disk: DiskImage<P>, sector: number, buf: Uint8Array): Promise<number>;
+  readSector(disk: DiskHandle<P>, sector: number, buf: Uint8Array): Promise<number>;
   /** Writes `buf` at `sector * 512`; resolves to the number of bytes written. */
-  writeSector(disk: DiskImage<P>, sector: number, buf: Uint8Array): Promise<number>;
+  writeSector(disk: DiskHandle<P>, sector: number, buf: Uint8Array): Promise<number>;
   /** Makes every write that has resolved so far durable (fdatasync of data and metadata). */
-  flush(disk: DiskImage<P>): Promise<void>;
+  flush(disk: DiskHandle<P>): Promise<void>;
   /** Flushes and releases the host file(s). Idempotent at the DiskImage level. */
-  close(disk: DiskImage<P>): Promise<void>;
+  close(disk: DiskHandle<P>): Promise<void>;
   /**
    * Optional: tell the image `count` sectors are no longer needed. As with virtio-blk DISCARD and
    * QEMU, the contents afterwards are unspecified: whole clusters may be deallocated (reading as
    * zeroes or as the backing file) while partial clusters keep their old data. Callers that need
    * zeroes use `writeZeroes`.
    */
-  discard?(disk: DiskImage<P>, sector: number, count: number): Promise<void>;
+  discard?(disk: DiskHandle<P>, sector: number, count: number): Promise<void>;
   /** Optional: make `count` sectors read as zeroes; `unmap` allows deallocation. */
-  writeZeroes?(disk: DiskImage<P>, sector: number, count: number, unmap: boolean): Promise<void>;
+  writeZeroes?(disk: DiskHandle<P>, sector: number, count: number, unmap: boolean): Promise<void>;
   /** Optional: allocation status of the range starting at `offset` (bytes), like `qemu-img map`. */
-  blockStatus?(disk: DiskImage<P>, offset: number, length: number): Promise<BlockStatus>;
+  blockStatus?(disk: DiskHandle<P>, offset: number, length: number): Promise<BlockStatus>;
   /** Optional: format-specific facts for `vblk info`. */
-  describe?(disk: DiskImage<P>): ImageDescription;
+  describe?(disk: DiskHandle<P>): ImageDescription;
 }
 
 /** One run of `qemu-img map`-like status, starting at the requested offset. */

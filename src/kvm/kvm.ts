@@ -137,8 +137,9 @@ export class Kvm {
   /** KVM_CREATE_VM. */
   createVm(): Vm {
     this.#checkOpen();
+    const runSize = this.vcpuMmapSize();
     const fd = kvmIoctl(this.fd, KVM_IOCTL.CREATE_VM, 0, 'KVM_CREATE_VM');
-    return new Vm(this, fd);
+    return new Vm(fd, runSize);
   }
 
   close(): void {

@@ -17,7 +17,6 @@ import {
   type Sregs,
 } from './abi';
 import { kvmIoctlBuffer } from './ioctl';
-import type { Vm } from './vm';
 
 /** A decoded vCPU exit that the VMM is expected to handle. */
 export type VcpuExit =
@@ -55,7 +54,6 @@ let kickInitialised = false;
  * guest runs.
  */
 export class Vcpu {
-  readonly vm: Vm;
   readonly id: number;
   readonly fd: number;
   readonly #run: Mapping;
@@ -64,8 +62,7 @@ export class Vcpu {
   #closed = false;
 
   /** @internal use Vm.createVcpu(). */
-  constructor(vm: Vm, id: number, fd: number, runSize: number) {
-    this.vm = vm;
+  constructor(id: number, fd: number, runSize: number) {
     this.id = id;
     this.fd = fd;
     try {

@@ -15,7 +15,6 @@ import {
   PIT_CONFIG,
 } from './abi';
 import { kvmIoctl, kvmIoctlBuffer } from './ioctl';
-import type { Kvm } from './kvm';
 import { Vcpu } from './vcpu';
 
 /** One KVM memory slot backed by anonymous mmap'd memory, exposed as a zero-copy Buffer. */
@@ -51,8 +50,9 @@ export interface IoEventFd {
  * an eventfd raises a guest interrupt line).
  */
 export class Vm {
-  readonly kvm: Kvm;
   readonly fd: number;
+  /** Size of each vCPU's kvm_run area (KVM_GET_VCPU_MMAP_SIZE, asked once by the Kvm). */
+  readonly #vcpuRunSize: number;
   readonly #regions: RamRegion[] = [];
   readonly #ioeventfds: IoEventFd[] = [];
   readonly #irqfds = new Map<number, number>();
@@ -60,9 +60,9 @@ export class Vm {
   #closed = false;
 
   /** @internal use Kvm.createVm(). */
-  constructor(kvm: Kvm, fd: number) {
-    this.kvm = kvm;
+  constructor(fd: number, vcpuRunSize: number) {
     this.fd = fd;
+    this.#vcpuRunSize = vcpuRunSize;
   }
 
   get regions(): readonly RamRegion[] {
@@ -191,7 +191,7 @@ export class Vm {
   createVcpu(id: number): Vcpu {
     if (this.#closed) throw new TransportError('E_KVM', 'Cannot create a vCPU: the VM is closed');
     const fd = kvmIoctl(this.fd, KVM_IOCTL.CREATE_VCPU, id, `KVM_CREATE_VCPU ${id}`);
-    const vcpu = new Vcpu(this, id, fd, this.kvm.vcpuMmapSize());
+    const vcpu = new Vcpu(id, fd, this.#vcpuRunSize);
     this.#vcpus.push(vcpu);
     return vcpu;
   }
