@@ -18,7 +18,7 @@
 import { DiskError, hex } from '../../errors';
 import { DiskImage } from '../disk-image';
 import type { ImageFile } from '../file';
-import type { BlockStatus, DiskImageOps, ImageDescription, ImageFormat } from '../types';
+import type { BlockStatus, DiskHandle, DiskImageOps, ImageDescription, ImageFormat } from '../types';
 import {
   Qcow2Header,
   INCOMPAT_KNOWN,
@@ -624,7 +624,7 @@ export async function openQcow2State(file: ImageFile, opts: Qcow2OpenOptions): P
   return state;
 }
 
-function readOnly(disk: DiskImage): Promise<never> {
+function readOnly(disk: DiskHandle): Promise<never> {
   return Promise.reject(new DiskError('E_DISK_READONLY', `Cannot write ${disk.path}: the image is open read-only`));
 }
 
