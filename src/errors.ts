@@ -12,7 +12,9 @@ export type VblkErrorCode =
   // disk layer
   | 'E_DISK_RANGE' // request outside the virtual disk
   | 'E_DISK_READONLY' // write to a read-only image
-  | 'E_DISK_IO' // the host file failed (EIO, ENOSPC, short read of metadata)
+  | 'E_DISK_IO' // a host file operation failed: the OS returned an error (EIO, ENOSPC, ENOENT...; data.errno) or a read came back short
+  | 'E_DISK_FULL' // the image cannot grow: a new cluster would lie past the format's largest host offset
+  | 'E_DISK_UNSUPPORTED' // this image's ops table does not offer the operation (e.g. discard on a format without it)
   | 'E_DISK_CLOSED' // request after close()
   | 'E_FORMAT_UNKNOWN' // probe could not tell what the file is, or a forced format does not match
   | 'E_QCOW_CORRUPT' // an on-disk structure is inconsistent; the message names the field

@@ -72,7 +72,7 @@ export class DiskImage<P = unknown> implements DiskHandle<P> {
   async discard(sector: number, count: number): Promise<void> {
     this.#checkRange('discard', sector, count * SECTOR_SIZE);
     this.#checkWritable('discard');
-    if (!this.ops.discard) throw new DiskError('E_DISK_IO', `Cannot discard: ${this.ops.name} does not support discard`);
+    if (!this.ops.discard) throw new DiskError('E_DISK_UNSUPPORTED', `Cannot discard: ${this.ops.name} does not support discard`);
     return this.ops.discard(this, sector, count);
   }
 

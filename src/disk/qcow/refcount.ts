@@ -393,7 +393,7 @@ export class RefcountManager {
       let m = 0;
       for (let c = from; len < count + m; c++) {
         if ((c + 1) * this.clusterSize > MAX_HOST_OFFSET) {
-          throw new DiskError('E_DISK_IO', `Cannot allocate ${count} clusters: the image would grow past ${hex(MAX_HOST_OFFSET)}`);
+          throw new DiskError('E_DISK_FULL', `Cannot allocate ${count} clusters: the image would grow past ${hex(MAX_HOST_OFFSET)}`);
         }
         if (await this.#isFree(c)) {
           if (len === 0) start = c;
