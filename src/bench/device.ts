@@ -359,7 +359,7 @@ export async function runDeviceBench(opts: DeviceBenchOptions): Promise<DeviceBe
       const rounds = Math.max(1, opts.rounds ?? (isolate ? 3 : 9));
       const measure = isolate
         ? (side: Side): Promise<Throughput> => measureInChild(image, side, p, warmup, seconds / rounds)
-        : (side: Side): Promise<Throughput> => (side === 'disk' ? runDisk : runDevice)(disk as DiskImage, p, seconds / rounds);
+        : (side: Side): Promise<Throughput> => (side === 'disk' ? runDisk : runDevice)(disk, p, seconds / rounds);
       if (!isolate) {
         // Warm both paths (JIT, page cache) once; isolated children warm up on their own.
         await runDisk(disk, p, Math.min(0.2, seconds / 4));

@@ -88,8 +88,9 @@ const base = {
     await delay(disk.priv);
     check(disk, 'flush', 0, 0);
   },
-  async close(disk: DiskImage<MemoryDiskState>): Promise<void> {
+  close(disk: DiskImage<MemoryDiskState>): Promise<void> {
     disk.priv.closed = true;
+    return Promise.resolve();
   },
   async writeZeroes(disk: DiskImage<MemoryDiskState>, sector: number, count: number): Promise<void> {
     await delay(disk.priv);

@@ -51,7 +51,7 @@ export class EventFdReader {
     this.#worker.on('message', (m: unknown) => {
       if (this.#stopped) return;
       if (typeof m === 'object' && m !== null && 'error' in m) {
-        onError(new TransportError('E_KVM', `Cannot read eventfd ${fd}: ${String((m as { error: unknown }).error)}`));
+        onError(new TransportError('E_KVM', `Cannot read eventfd ${fd}: ${String(m.error)}`));
         return;
       }
       this.wakeups++;

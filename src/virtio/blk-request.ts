@@ -145,7 +145,7 @@ export class BlkRequest {
       return;
     }
     const last = chain.count - 1;
-    this.#statusBuf = chain.bufs[last] as Buffer;
+    this.#statusBuf = chain.bufs[last];
     this.#statusOff = (chain.offs[last] as number) + (chain.lens[last] as number) - 1;
     this.#usedLen = chain.writableLength;
     if (chain.readableLength < BLK_HEADER_SIZE) {

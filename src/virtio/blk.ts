@@ -542,7 +542,7 @@ class BlkQueueWorker implements BlkRequestHost {
    */
   #needsReset(e: unknown, action: string): void {
     if (isVblkError(e, 'E_VIRTIO_RING')) {
-      this.device.markNeedsReset(e as VirtioError);
+      this.device.markNeedsReset(e);
       return;
     }
     const why = e instanceof Error ? e.message : String(e);

@@ -92,12 +92,17 @@ export interface RawLink {
  */
 export function rawChain(q: MockVirtqueue, links: readonly RawLink[]): number {
   const idx = q.allocDescriptors(links.length);
+  const slot = (k: number): number => {
+    const v = idx[k];
+    if (v === undefined) throw new RangeError(`rawChain: link ${k} is not one of the ${links.length} links`);
+    return v;
+  };
   links.forEach((d, i) => {
-    const next = d.rawNext ?? (d.next !== undefined ? (idx[d.next] as number) : 0);
-    q.writeDescriptor(idx[i] as number, { addr: d.addr, len: d.len, flags: d.flags, next });
+    const next = d.rawNext ?? (d.next !== undefined ? slot(d.next) : 0);
+    q.writeDescriptor(slot(i), { addr: d.addr, len: d.len, flags: d.flags, next });
   });
-  q.own(idx[0] as number, idx);
-  return idx[0] as number;
+  q.own(slot(0), idx);
+  return slot(0);
 }
 
 /** A virtio-blk request header `{ le32 type; le32 reserved; le64 sector }`. */

@@ -8,7 +8,7 @@
 import { openDiskImage } from '../../disk/open';
 import { readBytesAt } from '../../disk/qcow/chain';
 import { parseArgs, parseFormat } from '../args';
-import { UsageError, progressPrinter, type Command, type CliIO } from '../command';
+import { UsageError, progressPrinter, type Command } from '../command';
 import { OUTPUT_FORMATS, type OutputWriter } from '../output-writers';
 import type { DiskImage } from '../../disk/disk-image';
 
