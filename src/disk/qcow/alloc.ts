@@ -67,8 +67,13 @@ export class Qcow2Writer implements ByteReader {
   readonly lock = new Mutex();
   readonly #pendingFree: Freed[] = [];
   readonly #inflight = new Set<Promise<unknown>>();
-  /** Host offsets of L2 tables referenced by the active L1 (overlap checks). */
-  readonly #l2Set = new Set<number>();
+  /**
+   * Host offsets of the L2 tables the active L1 references, with how many L1 entries reference
+   * each (overlap checks). It follows the L1 both ways: a table the L1 stops referencing (copied
+   * away from a snapshot or from a missing COPIED flag) leaves it, since its cluster may be freed
+   * and handed out again as data.
+   */
+  readonly #l2Refs = new Map<number, number>();
   #prepared = false;
   /** We set the dirty bit (lazy refcounts) and must clear it at a clean close. */
   #setDirty = false;
@@ -86,7 +91,7 @@ export class Qcow2Writer implements ByteReader {
     };
     for (let i = 0; i < s.l1Size; i++) {
       const off = s.l2Offset(i);
-      if (off !== 0) this.#l2Set.add(off);
+      if (off !== 0) this.#l2Referenced(off, +1);
     }
     s.l2Cache.setWriteBack((t, bytes) => this.#writeBackOne(t, bytes));
   }
@@ -122,6 +127,12 @@ export class Qcow2Writer implements ByteReader {
     this.s.l2Cache.markDirty(t);
   }
 
+  #l2Referenced(offset: number, delta: 1 | -1): void {
+    const n = (this.#l2Refs.get(offset) ?? 0) + delta;
+    if (n > 0) this.#l2Refs.set(offset, n);
+    else this.#l2Refs.delete(offset);
+  }
+
   /** True when the cluster at `host` holds metadata that data must never overwrite. */
   #isMetadata(host: number): boolean {
     const s = this.s;
@@ -129,7 +140,7 @@ export class Qcow2Writer implements ByteReader {
     if (c === 0) return true;
     const l1 = s.header.l1TableOffset;
     if (c >= l1 && c < l1 + Math.max(8, s.l1Size * 8)) return true;
-    return this.rc.isMetadata(c) || this.#l2Set.has(c);
+    return this.rc.isMetadata(c) || this.#l2Refs.has(c);
   }
 
   /** Marks the image corrupt (incompatible bit 1) and refuses further writes, as QEMU does. */
@@ -248,7 +259,8 @@ export class Qcow2Writer implements ByteReader {
     }
     // From here a failure may leave the L1 entry on disk: never release the new table then.
     await this.#writeL1Entry(l1i, BigInt(newOff) | COPIED);
-    this.#l2Set.add(newOff);
+    this.#l2Referenced(newOff, +1);
+    if (old) this.#l2Referenced(old.offset, -1);
     s.l2Cache.pin(t);
     await s.l2Cache.insert(t);
     if (old) this.#pendingFree.push({ offset: old.offset, bytes: s.clusterSize });
