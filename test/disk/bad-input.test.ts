@@ -249,12 +249,12 @@ describe('bad input: exact errors', function () {
     expect(readBytes(f, 48, 8).readBigUInt64BE()).to.equal(0x1000n);
     expect(readBytes(f, 0x1000, 8).readBigUInt64BE()).to.equal(0x2000n);
     pokeBytes(f, 0x1000, be64(0x100000n));
-    await expectReject(readAll(f), 'E_QCOW_CORRUPT', `Cannot read ${f}: L2 entry 0 of table 0x1000 points to cluster 0x100000 past the end of the file (size 0x3000)`);
+    await expectReject(readAll(f), 'E_QCOW_CORRUPT', `Cannot read ${f}: L2 entry 0 of table 0x1000 (0x100000) points to cluster 0x100000 past the end of the file (size 0x3000)`);
     pokeBytes(f, 0x1000, be64(0x2200n));
-    await expectReject(readAll(f), 'E_QCOW_CORRUPT', `Cannot read ${f}: L2 entry 0 of table 0x1000 (0x2200) is not cluster-aligned`);
+    await expectReject(readAll(f), 'E_QCOW_CORRUPT', `Cannot read ${f}: L2 entry 0 of table 0x1000 (0x2200) has data offset 0x2200, not cluster-aligned`);
     // An offset that is not a safe integer is past the end too (and says so, not "unaligned").
     pokeBytes(f, 0x1000, be64(0x7ff0000000000000n));
-    await expectReject(readAll(f), 'E_QCOW_CORRUPT', /^Cannot read .*: L2 entry 0 of table 0x1000 points to cluster 0x7ff0000000000000 past the end of the file \(size 0x3000\)$/);
+    await expectReject(readAll(f), 'E_QCOW_CORRUPT', /^Cannot read .*: L2 entry 0 of table 0x1000 \(0x7ff0000000000000\) points to cluster 0x7ff0000000000000 past the end of the file \(size 0x3000\)$/);
   });
 
   it('qcow version 1: an L1 entry pointing past the end of the file', async () => {

@@ -55,6 +55,12 @@ export class Mutex {
   }
 }
 
+/** A byte range of the image file that holds metadata. */
+export interface MetadataExtent {
+  readonly offset: number;
+  readonly bytes: number;
+}
+
 interface Freed {
   readonly offset: number;
   readonly bytes: number;
@@ -81,9 +87,17 @@ export class Qcow2Writer implements ByteReader {
   #broken: DiskError | undefined;
   readonly v3: boolean;
 
-  constructor(s: Qcow2State, rc: RefcountManager) {
+  /**
+   * Metadata the writer never moves, by byte range: the snapshot table, each snapshot's L1 table
+   * and the encryption header. (The header, the active L1, the active L2 tables and the refcount
+   * structures are checked from live state.)
+   */
+  readonly #fixedMetadata: readonly MetadataExtent[];
+
+  constructor(s: Qcow2State, rc: RefcountManager, fixedMetadata: readonly MetadataExtent[] = []) {
     this.s = s;
     this.rc = rc;
+    this.#fixedMetadata = fixedMetadata;
     this.v3 = s.header.version === 3;
     rc.onTableMoved = (off, n) => {
       s.header.refcountTableOffset = off;
@@ -140,7 +154,8 @@ export class Qcow2Writer implements ByteReader {
     if (c === 0) return true;
     const l1 = s.header.l1TableOffset;
     if (c >= l1 && c < l1 + Math.max(8, s.l1Size * 8)) return true;
-    return this.rc.isMetadata(c) || this.#l2Refs.has(c);
+    if (this.rc.isMetadata(c) || this.#l2Refs.has(c)) return true;
+    return this.#fixedMetadata.some((m) => c + s.clusterSize > m.offset && c < m.offset + m.bytes);
   }
 
   /** Marks the image corrupt (incompatible bit 1) and refuses further writes, as QEMU does. */
@@ -341,7 +356,7 @@ export class Qcow2Writer implements ByteReader {
     // (`&` yields a signed 32-bit value: compare with `>>> 0`.)
     if (((hi & (HI_COPIED | HI_COMPRESSED)) >>> 0) !== HI_COPIED || lo & LO_ZERO) return -1;
     const host = (hi & HI_OFFSET) * TWO32 + ((lo & LO_OFFSET) >>> 0);
-    if (host === 0 || host % s.clusterSize !== 0 || this.#isMetadata(host)) return -1;
+    if (host === 0 || s.dataClusterProblem(host) !== undefined || this.#isMetadata(host)) return -1;
     return host;
   }
 
@@ -393,11 +408,11 @@ export class Qcow2Writer implements ByteReader {
     const host = (hi & HI_OFFSET) * TWO32 + ((lo & LO_OFFSET) >>> 0);
     const compressed = (hi & HI_COMPRESSED) !== 0;
     const zero = !compressed && (lo & LO_ZERO) !== 0;
-    if (!compressed && host !== 0 && host % cs !== 0) {
-      await this.#corrupt(`L2 entry ${l2i} of table ${hex(t.offset)} (${hex(entry)}) has unaligned offset ${hex(host)}`);
-    }
-    if (!compressed && host !== 0 && this.#isMetadata(host)) {
-      await this.#corrupt(`L2 entry ${l2i} of table ${hex(t.offset)} points at metadata cluster ${hex(host)}`);
+    if (!compressed && host !== 0) {
+      // Validated as the read path does, plus the overlap check: never write into, or copy
+      // from, a cluster the entry has no business pointing at.
+      const problem = s.dataClusterProblem(host) ?? (this.#isMetadata(host) ? `points at metadata cluster ${hex(host)}` : undefined);
+      if (problem !== undefined) await this.#corrupt(`L2 entry ${l2i} of table ${hex(t.offset)} (${hex(entry)}) ${problem}`);
     }
     const full = inCluster === 0 && data.length === cs;
     const copied = (hi & HI_COPIED) !== 0;

@@ -19,6 +19,7 @@ import { NodeImageFile } from '../file';
 import { INCOMPAT_DIRTY, INCOMPAT_KNOWN, type Qcow2Header } from './header';
 import { readQcow2Header, assertReadable } from './qcow2';
 import { RefcountManager, setRefcount, refblockEntries } from './refcount';
+import { readSnapshotTable, type SnapshotL1 } from './snapshot-table';
 
 const L1E_OFFSET_MASK = 0x00fffffffffffe00n;
 const L1E_RESERVED_MASK = 0x7f000000000001ffn;
@@ -86,30 +87,6 @@ class RefArray {
     }
     this.a[i] = (this.a[i] ?? 0) + 1;
   }
-}
-
-interface Snapshot {
-  readonly l1Offset: number;
-  readonly l1Size: number;
-}
-
-async function readSnapshots(file: ImageFile, h: Qcow2Header): Promise<{ list: Snapshot[]; bytes: number }> {
-  const list: Snapshot[] = [];
-  let off = h.snapshotsOffset;
-  for (let i = 0; i < h.nbSnapshots; i++) {
-    const fixed = Buffer.alloc(40);
-    if ((await file.read(fixed, off)) < 40) throw new DiskError('E_QCOW_CORRUPT', `Cannot read snapshot ${i}: the table at ${hex(h.snapshotsOffset)} is cut off`);
-    const l1Offset = Number(fixed.readBigUInt64BE(0));
-    const l1Size = fixed.readUInt32BE(8);
-    const idLen = fixed.readUInt16BE(12);
-    const nameLen = fixed.readUInt16BE(14);
-    const extra = fixed.readUInt32BE(36);
-    if (extra > 1024 * 1024) throw new DiskError('E_QCOW_CORRUPT', `Cannot read snapshot ${i}: extra data size ${extra} is too large`);
-    off += 40 + extra + idLen + nameLen;
-    off = (off + 7) & ~7;
-    list.push({ l1Offset, l1Size });
-  }
-  return { list, bytes: off - h.snapshotsOffset };
 }
 
 /** Reads `n` big-endian u64 entries at `off`. */
@@ -230,7 +207,7 @@ interface Session {
   fileSize: number;
   rc: RefcountManager;
   walker: Walker;
-  snapshots: Snapshot[];
+  snapshots: SnapshotL1[];
 }
 
 async function walk(file: ImageFile, h: Qcow2Header, res: CheckResult, progress?: CheckProgress): Promise<Session> {
@@ -238,7 +215,7 @@ async function walk(file: ImageFile, h: Qcow2Header, res: CheckResult, progress?
   const walker = new Walker(file, h, fileSize, res, progress);
   walker.inc(0, h.clusterSize);
   await walker.l1(h.l1TableOffset, h.l1Size, true);
-  const snaps = h.nbSnapshots > 0 ? await readSnapshots(file, h) : { list: [], bytes: 0 };
+  const snaps = h.nbSnapshots > 0 ? await readSnapshotTable(file, h) : { list: [], bytes: 0 };
   for (const s of snaps.list) await walker.l1(s.l1Offset, s.l1Size, false);
   walker.inc(h.snapshotsOffset, snaps.bytes);
   if (h.crypto) walker.inc(h.crypto.offset, h.crypto.length);

@@ -21,6 +21,7 @@ import { inflateCluster } from './compress';
 import { L2Table } from './l2-cache';
 import { Mutex } from './alloc';
 import { openQcowState, type QcowOpenOptions, type QcowState } from './qcow1';
+import { QCOW1_HEADER_SIZE } from './header';
 
 const TWO32 = 0x100000000;
 
@@ -31,9 +32,20 @@ export class QcowWriter {
   /** Next allocation offset (cluster-aligned end of the file). */
   #end: number;
 
+  /**
+   * Host cluster index → offset of an L2 table with bytes in that cluster, for every table the
+   * L1 references (qcow never frees one). Tables are only 512-byte aligned, so one may straddle
+   * two clusters.
+   */
+  readonly #l2Clusters = new Map<number, number>();
+
   constructor(s: QcowState) {
     this.s = s;
     this.#end = Math.ceil(s.fileSize / s.clusterSize) * s.clusterSize;
+    for (let i = 0; i < s.l1Size; i++) {
+      const off = (s.l1[2 * i] ?? 0) * TWO32 + (s.l1[2 * i + 1] ?? 0);
+      if (off !== 0) this.#addL2Table(off);
+    }
     s.l2Cache.setWriteBack((t, bytes) => this.#writeBackOne(t, bytes));
   }
 
@@ -54,6 +66,36 @@ export class QcowWriter {
     const off = this.#end;
     this.#end = Math.ceil((off + bytes) / this.s.clusterSize) * this.s.clusterSize;
     return off;
+  }
+
+  /**
+   * What metadata the cluster at `host` overlaps, or undefined: the header with the backing file
+   * name after it, the L1 table, or an L2 table (512-byte aligned in qcow, so it can share a
+   * cluster with data only when the image is corrupt).
+   */
+  #metadataOverlap(host: number): string | undefined {
+    const s = this.s;
+    const end = host + s.clusterSize;
+    const h = s.header;
+    const headerEnd = Math.max(QCOW1_HEADER_SIZE, h.backingFileOffset + Buffer.byteLength(h.backingFile ?? ''));
+    if (host < headerEnd) return 'overlaps the header';
+    if (end > h.l1TableOffset && host < h.l1TableOffset + s.l1Size * 8) return `overlaps the L1 table at ${hex(h.l1TableOffset)}`;
+    const t = this.#l2Clusters.get(Math.floor(host / s.clusterSize));
+    return t !== undefined ? `overlaps the L2 table at ${hex(t)}` : undefined;
+  }
+
+  #addL2Table(offset: number): void {
+    const cs = this.s.clusterSize;
+    const last = Math.floor((offset + this.s.l2Entries * 8 - 1) / cs);
+    for (let c = Math.floor(offset / cs); c <= last; c++) this.#l2Clusters.set(c, offset);
+  }
+
+  /** A data cluster offset from an L2 entry is usable for a write; else E_QCOW_CORRUPT naming the entry. */
+  #checkDataCluster(t: L2Table, l2i: number, host: number): void {
+    const problem = this.s.dataClusterProblem(host) ?? this.#metadataOverlap(host);
+    if (problem !== undefined) {
+      throw new DiskError('E_QCOW_CORRUPT', `Cannot write ${this.s.path}: L2 entry ${l2i} of table ${hex(t.offset)} (${hex(t.entry(l2i))}) ${problem}`, { l2Index: l2i, table: t.offset });
+    }
   }
 
   #markDirty(t: L2Table): void {
@@ -90,6 +132,7 @@ export class QcowWriter {
     await this.#write(e, s.header.l1TableOffset + l1i * 8);
     s.l1[2 * l1i] = Math.floor(newOff / TWO32);
     s.l1[2 * l1i + 1] = newOff % TWO32;
+    this.#addL2Table(newOff);
     s.l2Cache.pin(t);
     await s.l2Cache.insert(t);
     return t;
@@ -108,7 +151,11 @@ export class QcowWriter {
     if (cached) {
       const hi = cached.words[2 * l2i] ?? 0;
       const host = hi * TWO32 + (cached.words[2 * l2i + 1] ?? 0);
-      if (host !== 0 && !(hi & 0x80000000)) return this.#write(data, host + (off - ci * cs));
+      // Only an offset that passes every check goes straight to the file; anything else takes
+      // the locked path, which reports it.
+      if (host !== 0 && !(hi & 0x80000000) && s.dataClusterProblem(host) === undefined && this.#metadataOverlap(host) === undefined) {
+        return this.#write(data, host + (off - ci * cs));
+      }
     }
     return this.lock.run(() => this.#writeLocked(off, data));
   }
@@ -141,7 +188,7 @@ export class QcowWriter {
     const compressed = (hi & 0x80000000) !== 0;
     const host = compressed ? 0 : hi * TWO32 + lo;
     if (host !== 0) {
-      if (host % cs !== 0) throw new DiskError('E_QCOW_CORRUPT', `Cannot write ${s.path}: L2 entry ${l2i} of table ${hex(t.offset)} is not cluster-aligned`);
+      this.#checkDataCluster(t, l2i, host);
       await this.#write(data, host + inCluster);
       return;
     }

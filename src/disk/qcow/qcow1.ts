@@ -118,15 +118,23 @@ export class QcowState implements ByteReader {
       this.#kind = Kind.Unallocated;
       return;
     }
-    if (host % cs !== 0) {
-      throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L2 entry ${l2i} of table ${hex(table.offset)} (${hex(table.entry(l2i))}) is not cluster-aligned`, { l2Index: l2i });
-    }
-    // hi > 0x1fffff: the offset is not a safe integer, so it is past any real file as well.
-    if (hi > 0x1fffff || host >= this.fileSize) {
-      throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L2 entry ${l2i} of table ${hex(table.offset)} points to cluster ${hex(host)} past the end of the file (size ${hex(this.fileSize)})`, { l2Index: l2i });
+    const problem = this.dataClusterProblem(host);
+    if (problem !== undefined) {
+      throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L2 entry ${l2i} of table ${hex(table.offset)} (${hex(table.entry(l2i))}) ${problem}`, { l2Index: l2i });
     }
     this.#kind = Kind.Data;
     this.#host = host + inCluster;
+  }
+
+  /**
+   * Why the data cluster offset `host` read from an L2 entry cannot be used, or undefined when
+   * it can: cluster-aligned and starting inside the file. Reads and writes both ask here.
+   */
+  dataClusterProblem(host: number): string | undefined {
+    if (host % this.clusterSize !== 0) return `has data offset ${hex(host)}, not cluster-aligned`;
+    // Past 2^53 the offset is not a safe integer, so it is past any real file as well.
+    if (!Number.isSafeInteger(host) || host >= this.fileSize) return `points to cluster ${hex(host)} past the end of the file (size ${hex(this.fileSize)})`;
+    return undefined;
   }
 
   #table(l1i: number): L2Table | null | Promise<L2Table> {

@@ -16,7 +16,8 @@ import { SECTOR_SIZE } from '../types';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_EXTL2 } from './header';
 import { openQcow2State, type Qcow2OpenOptions } from './qcow2';
 import { RefcountManager } from './refcount';
-import { Qcow2Writer } from './alloc';
+import { Qcow2Writer, type MetadataExtent } from './alloc';
+import { readSnapshotTable } from './snapshot-table';
 import { repairRefcounts } from './check';
 import { writeByCluster } from './chain';
 
@@ -102,7 +103,14 @@ export async function openQcow2ReadWrite(file: ImageFile, opts: Qcow2OpenOptions
       tableOffset: h.refcountTableOffset,
       tableClusters: h.refcountTableClusters,
     });
-    writer = new Qcow2Writer(state, rc);
+    const fixed: MetadataExtent[] = [];
+    if (h.nbSnapshots > 0) {
+      const snaps = await readSnapshotTable(file, h);
+      fixed.push({ offset: h.snapshotsOffset, bytes: snaps.bytes });
+      for (const sn of snaps.list) fixed.push({ offset: sn.l1Offset, bytes: sn.l1Size * 8 });
+    }
+    if (h.crypto) fixed.push({ offset: h.crypto.offset, bytes: h.crypto.length });
+    writer = new Qcow2Writer(state, rc, fixed);
   } catch (e) {
     await file.close().catch(() => undefined);
     throw e;

@@ -249,18 +249,24 @@ export class Qcow2State implements ByteReader {
   }
 
   #checkData(host: number, table: L2Table, l2i: number): void {
-    if (host % this.clusterSize !== 0) {
-      throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L2 entry ${l2i} of table ${hex(table.offset)} (${hex(table.entry(l2i))}) has data offset ${hex(host)}, not cluster-aligned`, {
+    const problem = this.dataClusterProblem(host);
+    if (problem !== undefined) {
+      throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L2 entry ${l2i} of table ${hex(table.offset)} (${hex(table.entry(l2i))}) ${problem}`, {
         l2Index: l2i,
         table: table.offset,
       });
     }
-    if (host >= this.fileSize) {
-      throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L2 entry ${l2i} of table ${hex(table.offset)} (${hex(table.entry(l2i))}) points to cluster ${hex(host)} past the end of the file (size ${hex(this.fileSize)})`, {
-        l2Index: l2i,
-        table: table.offset,
-      });
-    }
+  }
+
+  /**
+   * Why the data cluster offset `host` read from an L2 entry cannot be used, or undefined when
+   * it can: it must be cluster-aligned and start inside the file. The read and the write paths
+   * both ask here, so an offset one refuses the other refuses too.
+   */
+  dataClusterProblem(host: number): string | undefined {
+    if (host % this.clusterSize !== 0) return `has data offset ${hex(host)}, not cluster-aligned`;
+    if (host >= this.fileSize) return `points to cluster ${hex(host)} past the end of the file (size ${hex(this.fileSize)})`;
+    return undefined;
   }
 
   /**
