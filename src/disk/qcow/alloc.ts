@@ -25,20 +25,18 @@ import { DiskError, hex } from '../../errors';
 import type { DiskImage } from '../disk-image';
 import type { BlockStatus, ImageDescription } from '../types';
 import type { ByteReader } from './chain';
-import { readBytesAt } from './chain';
+import { closeLayered, readBytesAt } from './chain';
 import { inflateCluster } from './compress';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS } from './header';
 import { L2Table } from './l2-cache';
 import { Kind, type Qcow2State } from './qcow2';
 import { RefcountManager } from './refcount';
+import { QCOW2_OFFSET_MASK, qcow2EntryOffset, qcow2Offset } from './entry';
 
 /** High-word flags of L1/L2 entries. */
 const HI_COPIED = 0x80000000;
 const HI_COMPRESSED = 0x40000000;
-const HI_OFFSET = 0x00ffffff;
-const LO_OFFSET = 0xfffffe00;
 const LO_ZERO = 1;
-const TWO32 = 0x100000000;
 const COPIED = 1n << 63n;
 const ZERO_FLAG = 1n;
 
@@ -313,7 +311,7 @@ export class Qcow2Writer implements ByteReader {
       const sectors = Number((entry >> s.csizeShift) & s.csizeMask) + 1;
       return { offset: start, bytes: sectors * 512 };
     }
-    const off = Number(entry & 0x00fffffffffffe00n);
+    const off = qcow2EntryOffset(entry);
     return off !== 0 ? { offset: off, bytes: s.clusterSize } : undefined;
   }
 
@@ -355,7 +353,7 @@ export class Qcow2Writer implements ByteReader {
     const lo = t.words[i + 1] ?? 0;
     // (`&` yields a signed 32-bit value: compare with `>>> 0`.)
     if (((hi & (HI_COPIED | HI_COMPRESSED)) >>> 0) !== HI_COPIED || lo & LO_ZERO) return -1;
-    const host = (hi & HI_OFFSET) * TWO32 + ((lo & LO_OFFSET) >>> 0);
+    const host = qcow2Offset(hi, lo);
     if (host === 0 || s.dataClusterProblem(host) !== undefined || this.#isMetadata(host)) return -1;
     return host;
   }
@@ -405,7 +403,7 @@ export class Qcow2Writer implements ByteReader {
     const entry = t.entry(l2i);
     const hi = Number(entry >> 32n);
     const lo = Number(entry & 0xffffffffn);
-    const host = (hi & HI_OFFSET) * TWO32 + ((lo & LO_OFFSET) >>> 0);
+    const host = qcow2Offset(hi, lo);
     const compressed = (hi & HI_COMPRESSED) !== 0;
     const zero = !compressed && (lo & LO_ZERO) !== 0;
     if (!compressed && host !== 0) {
@@ -518,7 +516,7 @@ export class Qcow2Writer implements ByteReader {
     const hi = Number(entry >> 32n);
     const lo = Number(entry & 0xffffffffn);
     const compressed = (hi & HI_COMPRESSED) !== 0;
-    const host = compressed ? 0 : (hi & HI_OFFSET) * TWO32 + ((lo & LO_OFFSET) >>> 0);
+    const host = compressed ? 0 : qcow2Offset(hi, lo);
     const zero = !compressed && (lo & LO_ZERO) !== 0;
     let next: bigint;
     if (!this.v3) next = 0n;
@@ -528,7 +526,7 @@ export class Qcow2Writer implements ByteReader {
     } else if (mode === 'zero' || hasBacking) next = ZERO_FLAG; // ZERO_PLAIN
     else next = 0n;
     if (next === entry) return;
-    const old = next & 0x00fffffffffffe00n ? undefined : this.#referenced(entry);
+    const old = next & QCOW2_OFFSET_MASK ? undefined : this.#referenced(entry);
     t.setEntry(l2i, next);
     this.#markDirty(t);
     if (old) this.#pendingFree.push(old);
@@ -571,7 +569,6 @@ export class Qcow2Writer implements ByteReader {
 
   /** Flush, clear the dirty bit we set, release the file. */
   async close(): Promise<void> {
-    let err: unknown;
     try {
       await this.flush(); // releases queued frees into the refcount cache; written below
       await this.lock.run(async () => {
@@ -582,14 +579,9 @@ export class Qcow2Writer implements ByteReader {
           await this.#writeFeatures();
         }
       });
-    } catch (e) {
-      err = e;
-    }
-    try {
-      if (this.s.backing) await this.s.backing.close();
     } finally {
-      await this.s.file.close();
+      // Released whether or not the flush failed; its error (if any) is what close reports.
+      await closeLayered(this.s);
     }
-    if (err !== undefined) throw err;
   }
 }

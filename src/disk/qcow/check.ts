@@ -20,10 +20,9 @@ import { INCOMPAT_DIRTY, INCOMPAT_KNOWN, type Qcow2Header } from './header';
 import { readQcow2Header, assertReadable } from './qcow2';
 import { RefcountManager, setRefcount, refblockEntries } from './refcount';
 import { readSnapshotTable, type SnapshotL1 } from './snapshot-table';
+import { QCOW2_OFFSET_MASK } from './entry';
 
-const L1E_OFFSET_MASK = 0x00fffffffffffe00n;
 const L1E_RESERVED_MASK = 0x7f000000000001ffn;
-const L2E_OFFSET_MASK = 0x00fffffffffffe00n;
 const L2E_RESERVED_MASK = 0x3f000000000001fen;
 const COPIED = 1n << 63n;
 const COMPRESSED = 1n << 62n;
@@ -141,7 +140,7 @@ class Walker {
         this.res.messages.push(`ERROR found L1 entry with reserved bits set: ${e.toString(16)}`);
         this.res.corruptions++;
       }
-      const l2 = Number(e & L1E_OFFSET_MASK);
+      const l2 = Number(e & QCOW2_OFFSET_MASK);
       if (l2 === 0) continue;
       if (l2 % this.cs !== 0) {
         this.res.messages.push(`ERROR l2_offset=${l2.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
@@ -178,7 +177,7 @@ class Walker {
         }
         continue;
       }
-      const off = Number(e & L2E_OFFSET_MASK);
+      const off = Number(e & QCOW2_OFFSET_MASK);
       const zero = (e & 1n) !== 0n && h.version === 3;
       if (e & L2E_RESERVED_MASK) {
         this.res.messages.push(`ERROR found L2 entry with reserved bits set: ${e.toString(16)}`);
@@ -285,7 +284,7 @@ async function checkCopied(s: Session, res: CheckResult, fix: boolean): Promise<
   let l1Dirty = false;
   for (let i = 0; i < h.l1Size; i++) {
     const e = l1[i] ?? 0n;
-    const l2 = Number(e & L1E_OFFSET_MASK);
+    const l2 = Number(e & QCOW2_OFFSET_MASK);
     if (l2 === 0 || l2 % cs !== 0 || l2 >= s.fileSize) continue;
     const r = await rc.getAt(l2);
     if ((r === 1) !== ((e & COPIED) !== 0n)) {
@@ -301,7 +300,7 @@ async function checkCopied(s: Session, res: CheckResult, fix: boolean): Promise<
     for (let j = 0; j < l2e.length; j++) {
       const x = l2e[j] ?? 0n;
       if (x & COMPRESSED) continue;
-      const off = Number(x & L2E_OFFSET_MASK);
+      const off = Number(x & QCOW2_OFFSET_MASK);
       if (off === 0) continue;
       const rr = await rc.getAt(off);
       if ((rr === 1) !== ((x & COPIED) !== 0n)) {

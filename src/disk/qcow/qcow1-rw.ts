@@ -16,14 +16,14 @@ import { DiskImage } from '../disk-image';
 import type { ImageFile } from '../file';
 import type { DiskImageOps } from '../types';
 import { SECTOR_SIZE } from '../types';
-import { readBytesAt, writeByCluster } from './chain';
+import { closeLayered, readBytesAt, writeByCluster } from './chain';
 import { inflateCluster } from './compress';
 import { L2Table } from './l2-cache';
 import { Mutex } from './alloc';
 import { openQcowState, type QcowOpenOptions, type QcowState } from './qcow1';
 import { QCOW1_HEADER_SIZE } from './header';
+import { offsetWords, qcowOffset } from './entry';
 
-const TWO32 = 0x100000000;
 
 /** Read-write state of a qcow1 image (`DiskImage.priv`). */
 export class QcowWriter {
@@ -43,7 +43,7 @@ export class QcowWriter {
     this.s = s;
     this.#end = Math.ceil(s.fileSize / s.clusterSize) * s.clusterSize;
     for (let i = 0; i < s.l1Size; i++) {
-      const off = (s.l1[2 * i] ?? 0) * TWO32 + (s.l1[2 * i + 1] ?? 0);
+      const off = qcowOffset(s.l1[2 * i] ?? 0, s.l1[2 * i + 1] ?? 0);
       if (off !== 0) this.#addL2Table(off);
     }
     s.l2Cache.setWriteBack((t, bytes) => this.#writeBackOne(t, bytes));
@@ -130,8 +130,7 @@ export class QcowWriter {
     const e = Buffer.alloc(8);
     e.writeBigUInt64BE(BigInt(newOff));
     await this.#write(e, s.header.l1TableOffset + l1i * 8);
-    s.l1[2 * l1i] = Math.floor(newOff / TWO32);
-    s.l1[2 * l1i + 1] = newOff % TWO32;
+    [s.l1[2 * l1i], s.l1[2 * l1i + 1]] = offsetWords(newOff);
     this.#addL2Table(newOff);
     s.l2Cache.pin(t);
     await s.l2Cache.insert(t);
@@ -150,7 +149,7 @@ export class QcowWriter {
     const cached = l2off !== 0 ? s.l2Cache.peek(l2off) : undefined;
     if (cached) {
       const hi = cached.words[2 * l2i] ?? 0;
-      const host = hi * TWO32 + (cached.words[2 * l2i + 1] ?? 0);
+      const host = qcowOffset(hi, cached.words[2 * l2i + 1] ?? 0);
       // Only an offset that passes every check goes straight to the file; anything else takes
       // the locked path, which reports it.
       if (host !== 0 && !(hi & 0x80000000) && s.dataClusterProblem(host) === undefined && this.#metadataOverlap(host) === undefined) {
@@ -164,8 +163,6 @@ export class QcowWriter {
     const s = this.s;
     const cs = s.clusterSize;
     const ci = Math.floor(off / cs);
-    const clusterStart = ci * cs;
-    const inCluster = off - clusterStart;
     const l1i = Math.floor(ci / s.l2Entries);
     const l2i = ci - l1i * s.l2Entries;
     const t = await this.#table(l1i, true);
@@ -186,7 +183,7 @@ export class QcowWriter {
     const hi = t.words[2 * l2i] ?? 0;
     const lo = t.words[2 * l2i + 1] ?? 0;
     const compressed = (hi & 0x80000000) !== 0;
-    const host = compressed ? 0 : hi * TWO32 + lo;
+    const host = compressed ? 0 : qcowOffset(hi, lo);
     if (host !== 0) {
       this.#checkDataCluster(t, l2i, host);
       await this.#write(data, host + inCluster);
@@ -212,8 +209,7 @@ export class QcowWriter {
     }
     const newHost = this.#alloc(cs);
     await this.#write(buf, newHost);
-    t.words[2 * l2i] = Math.floor(newHost / TWO32);
-    t.words[2 * l2i + 1] = newHost % TWO32;
+    [t.words[2 * l2i], t.words[2 * l2i + 1]] = offsetWords(newHost);
     this.#markDirty(t);
   }
 
@@ -257,18 +253,12 @@ export class QcowWriter {
   }
 
   async close(): Promise<void> {
-    let err: unknown;
     try {
       await this.flush();
-    } catch (e) {
-      err = e;
-    }
-    try {
-      if (this.s.backing) await this.s.backing.close();
     } finally {
-      await this.s.file.close();
+      // Released whether or not the flush failed; its error (if any) is what close reports.
+      await closeLayered(this.s);
     }
-    if (err !== undefined) throw err;
   }
 }
 

@@ -15,8 +15,8 @@ import { L2Cache, L2Table } from './l2-cache';
 import { inflateCluster } from './compress';
 import { readBytesAt, backingStatus, closingOnFailure, layeredReadOnlyOps, type ByteReader } from './chain';
 import { combinePath, MAX_L1_BYTES, DEFAULT_L2_CACHE_BYTES } from './qcow2';
+import { qcowOffset } from './entry';
 
-const TWO32 = 0x100000000;
 
 const enum Kind {
   Unallocated = 0,
@@ -81,7 +81,7 @@ export class QcowState implements ByteReader {
   l2Offset(i: number): number {
     const hi = this.l1[2 * i] ?? 0;
     const lo = this.l1[2 * i + 1] ?? 0;
-    const off = hi * TWO32 + lo;
+    const off = qcowOffset(hi, lo);
     if (off === 0) return 0;
     if (hi > 0x1fffff || off + this.l2Entries * 8 > this.fileSize) {
       throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L1 entry ${i} points to L2 table ${hex(off)} past the end of the file (size ${hex(this.fileSize)})`, { l1Index: i });
@@ -113,7 +113,7 @@ export class QcowState implements ByteReader {
       }
       return;
     }
-    const host = hi * TWO32 + lo;
+    const host = qcowOffset(hi, lo);
     if (host === 0) {
       this.#kind = Kind.Unallocated;
       return;
@@ -162,7 +162,7 @@ export class QcowState implements ByteReader {
     const end = Math.min(offset + buf.length, this.size);
     if (end < offset + buf.length) buf.fill(0, Math.max(0, end - offset));
     const pending: Promise<void>[] = [];
-    let segKind = -1;
+    let segKind: Kind | undefined;
     let segStart = 0;
     let segLen = 0;
     let segHost = 0;
@@ -211,7 +211,7 @@ export class QcowState implements ByteReader {
   async blockStatus(offset: number, length: number): Promise<BlockStatus> {
     const end = Math.min(offset + length, this.size);
     let cur = offset;
-    let kind = -1;
+    let kind: Kind | undefined;
     let host = 0;
     let total = 0;
     while (cur < end) {
@@ -222,7 +222,7 @@ export class QcowState implements ByteReader {
       const n = Math.min(this.#run, end - cur);
       const k = this.#kind;
       const h = k === Kind.Data ? this.#host : 0;
-      if (kind === -1) {
+      if (kind === undefined) {
         kind = k;
         host = h;
       } else if (k !== kind || (k === Kind.Data && h !== host + total) || k === Kind.Compressed) {

@@ -33,12 +33,11 @@ import {
 import { L2Cache, L2Table } from './l2-cache';
 import { assertCompressionSupported, inflateCluster } from './compress';
 import { readBytesAt, backingStatus, type ByteReader } from './chain';
-import { REFT_OFFSET_MASK, getRefcount, refblockEntries } from './refcount';
+import { MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, getRefcount, refblockEntries } from './refcount';
+import { qcow2Offset } from './entry';
 
 /** QEMU's limit on the L1 table (QCOW_MAX_L1_SIZE, 32 MiB = 4 Mi entries). */
 export const MAX_L1_BYTES = 32 * 1024 * 1024;
-/** QEMU's limit on the refcount table (QCOW_MAX_REFTABLE_SIZE). */
-export const MAX_REFTABLE_BYTES = 8 * 1024 * 1024;
 /** QEMU's limit on internal snapshots. */
 export const MAX_SNAPSHOTS = 65536;
 /** Default amount of L2 tables kept in memory (covers 256 GiB of guest at 64 KiB clusters). */
@@ -78,7 +77,6 @@ export interface Qcow2OpenOptions {
   readonly openBacking?: (name: string, format: ImageFormat | undefined) => Promise<DiskImage | undefined>;
 }
 
-const TWO32 = 0x100000000;
 
 /** The state of an open qcow2 image (`DiskImage.priv`). */
 export class Qcow2State implements ByteReader {
@@ -157,7 +155,7 @@ export class Qcow2State implements ByteReader {
   l2Offset(i: number): number {
     const hi = this.l1[2 * i] ?? 0;
     const lo = this.l1[2 * i + 1] ?? 0;
-    const off = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+    const off = qcow2Offset(hi, lo);
     if (off === 0) return 0;
     if (off % this.clusterSize !== 0) {
       throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L1 entry ${i} (${hex((BigInt(hi) << 32n) | BigInt(lo))}) has L2 table offset ${hex(off)}, not cluster-aligned`, { l1Index: i });
@@ -201,7 +199,7 @@ export class Qcow2State implements ByteReader {
       this.#run = cs - inCluster;
       return;
     }
-    const host = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0);
+    const host = qcow2Offset(hi, lo);
     if (!this.extL2) {
       this.#run = cs - inCluster;
       if (lo & 1) {
@@ -363,7 +361,7 @@ export class Qcow2State implements ByteReader {
     const end = Math.min(offset + len, this.size);
     if (end < offset + len) buf.fill(0, Math.max(0, end - offset));
     const pending: Promise<void>[] = [];
-    let segKind = -1;
+    let segKind: Kind | undefined;
     let segStart = 0; // position in buf
     let segLen = 0;
     let segHost = 0;
@@ -411,7 +409,7 @@ export class Qcow2State implements ByteReader {
   async blockStatus(offset: number, length: number): Promise<BlockStatus> {
     const end = Math.min(offset + length, this.size);
     let cur = offset;
-    let kind = -1;
+    let kind: Kind | undefined;
     let host = -1;
     let total = 0;
     while (cur < end) {
@@ -422,7 +420,7 @@ export class Qcow2State implements ByteReader {
       const n = Math.min(this.#run, end - cur);
       const k = this.#kind;
       const h = k === Kind.Compressed ? -1 : this.#host;
-      if (kind === -1) {
+      if (kind === undefined) {
         kind = k;
         host = h;
       } else if (k !== kind || k === Kind.Compressed || (host === -1 ? h !== -1 : h !== host + total)) {
