@@ -56,6 +56,11 @@ function fdExtent(fd: number, offset: number, length: number): FileExtent | unde
   }
 }
 
+/** `e` as an Error (what a promise rejects with); anything else is wrapped. */
+function asError(e: unknown): Error {
+  return e instanceof Error ? e : new Error(String(e));
+}
+
 function ioError(op: string, path: string, err: unknown): DiskError {
   const e = err as NodeJS.ErrnoException;
   return new DiskError('E_DISK_IO', `Cannot ${op} ${path}: ${e.code ?? ''} ${e.message ?? String(err)}`.replace(/\s+/g, ' '), { errno: e.code }, { cause: err });
@@ -81,9 +86,18 @@ export class NodeImageFile implements ImageFile {
   readonly path: string;
   readonly writable: boolean;
   readonly fd: number;
-  #closed = false;
-  /** Reads and writes in libuv's thread pool, not yet completed. */
+  /** Set when close() begins: new operations are refused from then on. */
+  #closing: Promise<void> | undefined;
+  /** Reads and writes in libuv's thread pool, not yet completed (the sync-first policy's input). */
   #inPool = 0;
+  /**
+   * Every operation on the descriptor that is still in the thread pool (reads, writes, syncs,
+   * stats, truncates). close() waits for this to reach zero before it closes the descriptor:
+   * closing earlier would let a queued pread/pwrite run on a number the kernel may already have
+   * given to another file.
+   */
+  #pending = 0;
+  #drained: (() => void) | undefined;
   readonly #syncFirst: SyncFirstPolicy | null;
 
   private constructor(path: string, fd: number, writable: boolean, syncFirst: boolean) {
@@ -111,28 +125,30 @@ export class NodeImageFile implements ImageFile {
   }
 
   read(buf: Uint8Array, position: number): Promise<number> {
+    const refused = this.#refuseIfClosing('read');
+    if (refused) return refused;
     if (buf.length === 0) return Promise.resolve(0);
     let done: number;
     try {
       done = this.#syncAttempt(false, buf, position);
     } catch (e) {
-      return Promise.reject(e);
+      return Promise.reject(asError(e));
     }
     if (done === buf.length || done === 0) return Promise.resolve(done); // whole, or at EOF
     if (done < 0) done = 0; // not tried
     this.#inPool++;
-    return new Promise((resolve, reject) => {
+    return this.#inThreadPool<number>((resolve, reject) => {
       const loop = (got: number): void => {
         fs.read(this.fd, buf, got, buf.length - got, position + got, (err, n) => {
           if (err) {
             this.#inPool--;
-            return reject(ioError('read', this.path, err));
-          }
-          if (n === 0 || got + n === buf.length) {
+            reject(ioError('read', this.path, err));
+          } else if (n === 0 || got + n === buf.length) {
             this.#inPool--;
-            return resolve(got + n);
+            resolve(got + n);
+          } else {
+            loop(got + n);
           }
-          loop(got + n);
         });
       };
       loop(done);
@@ -140,32 +156,60 @@ export class NodeImageFile implements ImageFile {
   }
 
   write(buf: Uint8Array, position: number): Promise<void> {
+    const refused = this.#refuseIfClosing('write');
+    if (refused) return refused;
     if (!this.writable) return Promise.reject(new DiskError('E_DISK_READONLY', `Cannot write ${this.path}: opened read-only`));
     if (buf.length === 0) return Promise.resolve();
     let done: number;
     try {
       done = this.#syncAttempt(true, buf, position);
     } catch (e) {
-      return Promise.reject(e);
+      return Promise.reject(asError(e));
     }
     if (done >= buf.length) return Promise.resolve();
     if (done < 0) done = 0; // not tried
     this.#inPool++;
-    return new Promise((resolve, reject) => {
+    return this.#inThreadPool<void>((resolve, reject) => {
       const loop = (got: number): void => {
         fs.write(this.fd, buf, got, buf.length - got, position + got, (err, n) => {
           if (err) {
             this.#inPool--;
-            return reject(ioError('write', this.path, err));
-          }
-          if (got + n >= buf.length) {
+            reject(ioError('write', this.path, err));
+          } else if (got + n >= buf.length) {
             this.#inPool--;
-            return resolve();
+            resolve();
+          } else {
+            loop(got + n);
           }
-          loop(got + n);
         });
       };
       loop(done);
+    });
+  }
+
+  /** A rejected promise (E_DISK_CLOSED) once close() has begun, else undefined. */
+  #refuseIfClosing(op: string): Promise<never> | undefined {
+    if (this.#closing === undefined) return undefined;
+    return Promise.reject(new DiskError('E_DISK_CLOSED', `Cannot ${op} ${this.path}: the file is closed`));
+  }
+
+  /** Runs a thread-pool operation counted in `#pending`, so that close() can wait for it. */
+  #inThreadPool<T>(start: (resolve: (v: T) => void, reject: (e: Error) => void) => void): Promise<T> {
+    this.#pending++;
+    const settled = (): void => {
+      if (--this.#pending === 0) this.#drained?.();
+    };
+    return new Promise<T>((resolve, reject) => {
+      start(
+        (v) => {
+          settled();
+          resolve(v);
+        },
+        (e) => {
+          settled();
+          reject(e);
+        },
+      );
     });
   }
 
@@ -192,29 +236,45 @@ export class NodeImageFile implements ImageFile {
   }
 
   sync(): Promise<void> {
+    const refused = this.#refuseIfClosing('sync');
+    if (refused) return refused;
     if (!this.writable) return Promise.resolve();
-    return new Promise((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(ioError('sync', this.path, err)) : resolve())));
+    return this.#inThreadPool<void>((resolve, reject) => fs.fdatasync(this.fd, (err) => (err ? reject(ioError('sync', this.path, err)) : resolve())));
   }
 
   extent(offset: number, length: number): FileExtent | undefined {
+    if (this.#closing !== undefined) throw new DiskError('E_DISK_CLOSED', `Cannot map ${this.path}: the file is closed`);
     return fdExtent(this.fd, offset, length);
   }
 
   allocatedBytes(): Promise<number> {
-    return new Promise((resolve, reject) => fs.fstat(this.fd, (err, st) => (err ? reject(ioError('stat', this.path, err)) : resolve(st.blocks * 512))));
+    return this.#refuseIfClosing('stat') ?? this.#inThreadPool<number>((resolve, reject) => fs.fstat(this.fd, (err, st) => (err ? reject(ioError('stat', this.path, err)) : resolve(st.blocks * 512))));
   }
 
   size(): Promise<number> {
-    return new Promise((resolve, reject) => fs.fstat(this.fd, (err, st) => (err ? reject(ioError('stat', this.path, err)) : resolve(st.size))));
+    return this.#refuseIfClosing('stat') ?? this.#inThreadPool<number>((resolve, reject) => fs.fstat(this.fd, (err, st) => (err ? reject(ioError('stat', this.path, err)) : resolve(st.size))));
   }
 
   truncate(length: number): Promise<void> {
-    return new Promise((resolve, reject) => fs.ftruncate(this.fd, length, (err) => (err ? reject(ioError('truncate', this.path, err)) : resolve())));
+    return this.#refuseIfClosing('truncate') ?? this.#inThreadPool<void>((resolve, reject) => fs.ftruncate(this.fd, length, (err) => (err ? reject(ioError('truncate', this.path, err)) : resolve())));
   }
 
+  /**
+   * Waits for every operation still in the thread pool, then closes the descriptor. Operations
+   * started after close() began are refused (E_DISK_CLOSED). Idempotent: every call gets the
+   * same promise.
+   */
   close(): Promise<void> {
-    if (this.#closed) return Promise.resolve();
-    this.#closed = true;
-    return new Promise((resolve, reject) => fs.close(this.fd, (err) => (err ? reject(ioError('close', this.path, err)) : resolve())));
+    this.#closing ??= this.#drain().then(
+      () => new Promise<void>((resolve, reject) => fs.close(this.fd, (err) => (err ? reject(ioError('close', this.path, err)) : resolve()))),
+    );
+    return this.#closing;
+  }
+
+  #drain(): Promise<void> {
+    if (this.#pending === 0) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      this.#drained = resolve;
+    });
   }
 }

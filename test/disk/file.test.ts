@@ -237,3 +237,58 @@ describe('NodeImageFile.extent (SEEK_DATA / SEEK_HOLE)', () => {
     await file.close();
   });
 });
+
+describe('NodeImageFile.close: drains the thread pool first', function () {
+  this.timeout(30000);
+  const tmp = useTempDir('vblk-close-');
+  const CHUNK = 64 * 1024;
+  const COUNT = 64;
+
+  it('writes still in the pool complete into their own file, not into the file that reuses the descriptor', async () => {
+    const a = await NodeImageFile.open(tmp.file('a.img'), { writable: true, create: true, truncate: true, syncFirst: false });
+    const writes = Array.from({ length: COUNT }, (_, i) => a.write(pattern(CHUNK, i + 1), i * CHUNK));
+    const closed = a.close();
+    await closed;
+    // The kernel hands out the lowest free descriptor: this file gets a's number if a is closed.
+    fs.writeFileSync(tmp.file('b.img'), Buffer.alloc(COUNT * CHUNK));
+    const b = await NodeImageFile.open(tmp.file('b.img'), { writable: true, syncFirst: false });
+    const outcomes = await Promise.allSettled(writes);
+    await b.close();
+    expect(outcomes.filter((o) => o.status === 'rejected'), 'writes that failed').to.deep.equal([]);
+    const bytesA = fs.readFileSync(tmp.file('a.img'));
+    for (let i = 0; i < COUNT; i++) expect(bytesA.subarray(i * CHUNK, (i + 1) * CHUNK).equals(pattern(CHUNK, i + 1)), `chunk ${i} of a`).to.equal(true);
+    expect(fs.readFileSync(tmp.file('b.img')).equals(Buffer.alloc(COUNT * CHUNK)), 'b received stray writes').to.equal(true);
+  });
+
+  it('close resolves only after every read still in the pool has resolved', async () => {
+    fs.writeFileSync(tmp.file('r.img'), pattern(COUNT * CHUNK, 7));
+    const f = await NodeImageFile.open(tmp.file('r.img'), { writable: false, syncFirst: false });
+    const order: string[] = [];
+    const reads = Array.from({ length: COUNT }, (_, i) => {
+      const buf = Buffer.alloc(CHUNK);
+      return f.read(buf, i * CHUNK).then((n) => {
+        order.push('read');
+        return { n, ok: buf.equals(pattern(COUNT * CHUNK, 7).subarray(i * CHUNK, (i + 1) * CHUNK)) };
+      });
+    });
+    await f.close().then(() => order.push('close'));
+    const results = await Promise.all(reads);
+    expect(order.indexOf('close')).to.equal(COUNT);
+    expect(results.every((r) => r.n === CHUNK && r.ok)).to.equal(true);
+  });
+
+  it('an operation started after close() began is refused with E_DISK_CLOSED', async () => {
+    const f = await NodeImageFile.open(tmp.file('late.img'), { writable: true, create: true, truncate: true, syncFirst: false });
+    const closed = f.close();
+    const late = await rejectionOf(f.write(Buffer.alloc(512), 0));
+    await closed;
+    expect(isVblkError(late, 'E_DISK_CLOSED'), String(late)).to.equal(true);
+  });
+
+  it('close is idempotent: a second call gets the same outcome', async () => {
+    const f = await NodeImageFile.open(tmp.file('twice.img'), { writable: true, create: true, truncate: true });
+    const first = f.close();
+    expect(f.close()).to.equal(first);
+    await first;
+  });
+});
