@@ -200,16 +200,20 @@ export class NodeImageFile implements ImageFile {
       if (--this.#pending === 0) this.#drained?.();
     };
     return new Promise<T>((resolve, reject) => {
-      start(
-        (v) => {
+      const fail = (e: Error): void => {
+        settled();
+        reject(e);
+      };
+      try {
+        start((v) => {
           settled();
           resolve(v);
-        },
-        (e) => {
-          settled();
-          reject(e);
-        },
-      );
+        }, fail);
+      } catch (e) {
+        // fs throws synchronously on arguments it refuses (a position past 2^53): nothing was
+        // queued, so this operation is over.
+        fail(asError(e));
+      }
     });
   }
 

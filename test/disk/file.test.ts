@@ -285,6 +285,13 @@ describe('NodeImageFile.close: drains the thread pool first', function () {
     expect(isVblkError(late, 'E_DISK_CLOSED'), String(late)).to.equal(true);
   });
 
+  it('a read that fs refuses outright (position past 2^53) rejects, and close still resolves', async () => {
+    fs.writeFileSync(tmp.file('far.img'), Buffer.alloc(512));
+    const f = await NodeImageFile.open(tmp.file('far.img'), { writable: false, syncFirst: false });
+    expect(await rejectionOf(f.read(Buffer.alloc(512), 2 ** 60))).to.be.instanceOf(Error);
+    await f.close();
+  });
+
   it('close is idempotent: a second call gets the same outcome', async () => {
     const f = await NodeImageFile.open(tmp.file('twice.img'), { writable: true, create: true, truncate: true });
     const first = f.close();
