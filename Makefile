@@ -55,7 +55,10 @@ guest-demo: build guest
 build: deps native guest-kvm
 	npx tsc -p tsconfig.json
 
-test: build apt-qemu-system
+# Everything the tests need is built first (the tests themselves never install or build):
+# the native shim, the KVM guest, the Linux test guest; then lint, then the suite.
+test: build apt-qemu-system guest
+	npm run --silent lint
 	node scripts/run-tests.js
 
 demo: build apt-qemu-system guest

@@ -1,11 +1,22 @@
 #!/usr/bin/env node
-// Runs every compiled test file under build/test with mocha's programmatic API and ends with the
-// one line CI reads: "N passed, N failed, N skipped". Skipped tests print their reason (tests call
-// this.skip() only after logging why, e.g. "/dev/kvm missing").
+// Runs every compiled test file under build/test (or the files and folders named) with mocha's
+// programmatic API and ends with the one line CI reads: "N passed, N failed, N skipped".
+//
+// Honest counting:
+// - a run in which no test passed or failed is a failure ("no tests ran");
+// - when a `before`/`beforeEach` hook fails, the tests it kept from running count as failed
+//   (at least one failure per failed hook), so a broken set-up cannot make tests vanish;
+// - every skip lists its reason at the end (tests skip through test/helpers/skip.ts, which
+//   records it); a skip without a recorded reason is listed as such;
+// - mocha is not allowed to hang the run: once it has finished, handles still open are named
+//   and the process exits anyway (mocha's --exit, made visible).
 'use strict';
 const path = require('node:path');
 const fs = require('node:fs');
 const Mocha = require('mocha');
+
+/** How long a finished run may wait for open handles to close by themselves. */
+const EXIT_GRACE_MS = 3000;
 
 function findTests(dir, out) {
   if (!fs.existsSync(dir)) return out;
@@ -15,6 +26,11 @@ function findTests(dir, out) {
     else if (ent.name.endsWith('.test.js')) out.push(p);
   }
   return out;
+}
+
+/** Every test below `suite`, its sub-suites included. */
+function testsOf(suite) {
+  return [...suite.tests, ...suite.suites.flatMap(testsOf)];
 }
 
 const root = path.resolve(__dirname, '..');
@@ -29,10 +45,59 @@ for (const f of files) mocha.addFile(f);
 let passed = 0;
 let failed = 0;
 let skipped = 0;
-const runner = mocha.run((failures) => {
+/** Tests that reached an outcome (passed, failed or skipped). */
+const settled = new Set();
+/** Hooks that failed, with the suite whose tests they stopped. */
+const failedHooks = [];
+const skippedTitles = [];
+
+const runner = mocha.run(() => {
+  // Tests a failed hook kept from running: failed, not vanished.
+  let stranded = 0;
+  for (const hook of failedHooks) {
+    const lost = testsOf(hook.parent).filter((t) => !settled.has(t));
+    for (const t of lost) settled.add(t);
+    stranded += Math.max(1, lost.length);
+    console.log(`  ${hook.fullTitle()}: failed, so ${lost.length} test(s) did not run and count as failed`);
+  }
+  failed += stranded;
+  if (passed + failed === 0) {
+    console.log(`  no tests ran (${files.length} test file(s) found in ${dirs.join(', ')}): that is a failure`);
+    failed = 1;
+  }
+  const reasons = globalThis.__vblkSkipReasons ?? [];
+  if (skipped > 0) {
+    console.log(`  skipped ${skipped} test(s); reasons given:`);
+    for (const r of reasons) console.log(`    - ${r}`);
+    // A skip that went around test/helpers/skip.ts (it.skip, a bare this.skip()) has no reason.
+    if (reasons.length === 0) for (const t of skippedTitles) console.log(`    - ${t}: no reason recorded`);
+  }
   console.log(`${passed} passed, ${failed} failed, ${skipped} skipped`);
-  process.exitCode = failures > 0 || failed > 0 ? 1 : 0;
+  process.exitCode = failed > 0 ? 1 : 0;
+  const timer = setTimeout(() => {
+    const open = process.getActiveResourcesInfo().filter((r) => r !== 'TTYWrap' && r !== 'Timeout');
+    console.error(`run-tests: handles still open ${EXIT_GRACE_MS} ms after the last test: ${open.join(', ') || '(unnamed)'}; exiting anyway`);
+    process.exit(process.exitCode);
+  }, EXIT_GRACE_MS);
+  timer.unref();
 });
-runner.on('pass', () => passed++);
-runner.on('fail', () => failed++);
-runner.on('pending', () => skipped++);
+runner.on('pass', (t) => {
+  settled.add(t);
+  passed++;
+});
+runner.on('fail', (t) => {
+  if (t.type === 'hook') {
+    // An after/afterEach hook fails after its tests ran: one failure. A before hook strands its
+    // tests: counted when the run ends.
+    if (/"before (all|each)" hook/.test(t.title)) failedHooks.push(t);
+    else failed++;
+    return;
+  }
+  settled.add(t);
+  failed++;
+});
+runner.on('pending', (t) => {
+  settled.add(t);
+  skipped++;
+  skippedTitles.push(t.fullTitle());
+});

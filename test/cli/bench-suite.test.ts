@@ -8,6 +8,7 @@ import { fmtValue, formatTable, runSeconds } from '../../src/bench/suite';
 import { runDeviceBench } from '../../src/bench/device';
 import { openDiskImage } from '../../src/disk/open';
 import { pinGuestLayout, pinUnavailableReason } from '../../src/bench/pin';
+import { skipBecause } from '../helpers/skip';
 
 describe('bench suite helpers', function () {
   it('runSeconds reads "Run completed in X seconds." from qemu-img bench and vblk bench output', function () {
@@ -121,8 +122,7 @@ describe('guest bench CPU layout (src/bench/pin.ts)', function () {
   it('puts the vCPU thread alone on CPU 0 and every other thread of QEMU and the back-end on CPU 1', async function () {
     const why = pinUnavailableReason();
     if (why !== undefined) {
-      console.log(`      (skipped: ${why})`);
-      this.skip();
+      skipBecause(this, why);
     }
     const fakeQemu = await namedProcess('CPU 0/TCG');
     const backend = await namedProcess('backend');
@@ -135,7 +135,8 @@ describe('guest bench CPU layout (src/bench/pin.ts)', function () {
   });
 
   it('fails naming the process when it has no vCPU thread', async function () {
-    if (pinUnavailableReason() !== undefined) this.skip();
+    const why = pinUnavailableReason();
+    if (why !== undefined) skipBecause(this, why);
     const plain = await namedProcess('not-a-vcpu');
     let err: unknown;
     try {

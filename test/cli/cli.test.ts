@@ -1,7 +1,7 @@
 import { expect } from 'chai';
 import * as fs from 'node:fs';
 import { parseSize, humanSize, parseArgs } from '../../src/cli/args';
-import { requireQemu, useTempDir, createImage, writePatterns, qemuImg, run } from '../helpers/qemu';
+import { requireQemu, useTempDir, createImage, writePatterns, qemuImg, qemuIo, run } from '../helpers/qemu';
 import { vblk, vblkProcess, vblkWith } from './run-vblk';
 
 describe('vblk CLI', function () {
@@ -137,7 +137,7 @@ describe('vblk CLI', function () {
     it('qcow2 with preallocation=metadata: clusters over host holes are "zero", as qemu-img map says', async () => {
       const f = tmp.file('prealloc-meta.qcow2');
       qemuImg('create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', f, '4M');
-      run('qemu-io', ['-c', 'write -P 7 1M 64k', f]);
+      qemuIo(f, ['write -P 7 1M 64k']);
       const json = await vblk('map', '--output=json', f);
       expect(json.stdout).to.equal(qemuImg('map', '--output=json', f));
       expect(json.stdout).to.include('"zero": true, "data": true');

@@ -7,6 +7,7 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
+import { skipBecause } from './skip';
 
 let qemuChecked: boolean | undefined;
 
@@ -26,8 +27,7 @@ export function hasQemu(): boolean {
  */
 export function requireQemu(ctx: Mocha.Context): void {
   if (!hasQemu()) {
-    console.log('    (skipped: qemu-img/qemu-io not found; install Debian qemu-utils)');
-    ctx.skip();
+    skipBecause(ctx, 'qemu-img/qemu-io not found; install Debian qemu-utils');
   }
 }
 

@@ -4,12 +4,12 @@ import { EventFdReader } from '../../src/kvm/eventfd-reader';
 import { signalEventFd } from '../../src/kvm/vm';
 import { close, eventfd } from '../../src/native/libc';
 import { nativeLibraryPath } from '../../src/native/library';
+import { skipBecause } from '../helpers/skip';
 
 describe('EventFdReader (ioeventfd waiter on its own thread)', function () {
   before(function () {
     if (!fs.existsSync(nativeLibraryPath())) {
-      console.log(`    skip: ${nativeLibraryPath()} missing (run make native)`);
-      this.skip();
+      skipBecause(this, `${nativeLibraryPath()} missing (run make native)`);
     }
   });
 

@@ -8,6 +8,7 @@ import { expect } from 'chai';
 import { kvmUnavailableReason } from '../../src/kvm/kvm';
 import { defaultGuestImage } from '../../src/kvm/run-guest';
 import { makeTempDir, run, type TempDir } from '../helpers/qemu';
+import { skipBecause } from '../helpers/skip';
 
 const EXAMPLE = path.resolve(__dirname, '..', '..', 'examples', 'embed-kvm.js');
 
@@ -17,8 +18,7 @@ describe('examples/embed-kvm.ts (real /dev/kvm)', function () {
   before(function () {
     const why = kvmUnavailableReason() ?? (fs.existsSync(defaultGuestImage()) ? null : `${defaultGuestImage()} missing (run \`make guest-kvm\`)`);
     if (why !== null) {
-      console.log(`    skip: ${why}`);
-      this.skip();
+      skipBecause(this, why);
     }
     tmp = makeTempDir('vblk-example-');
   });

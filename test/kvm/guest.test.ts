@@ -6,6 +6,7 @@ import { isVblkError } from '../../src/errors';
 import { kvmUnavailableReason } from '../../src/kvm/kvm';
 import { MAX_REPORT_LINE, MAX_REPORT_LINES, defaultGuestImage, fnv1a64Words, runGuest, type GuestRunReport } from '../../src/kvm/run-guest';
 import { createImage, hasQemu, makeTempDir, qemuImg, qemuIo, type TempDir } from '../helpers/qemu';
+import { skipBecause } from '../helpers/skip';
 
 const SIZE = 1 << 20;
 
@@ -46,16 +47,13 @@ describe('KVM test guest drives virtio-blk over virtio-mmio (real /dev/kvm)', fu
   before(function () {
     const why = kvmUnavailableReason();
     if (why !== null) {
-      console.log(`    skip: ${why}`);
-      this.skip();
+      skipBecause(this, why);
     }
     if (!fs.existsSync(defaultGuestImage())) {
-      console.log(`    skip: ${defaultGuestImage()} missing (run \`make guest-kvm\`)`);
-      this.skip();
+      skipBecause(this, `${defaultGuestImage()} missing (run \`make guest-kvm\`)`);
     }
     if (!hasQemu()) {
-      console.log('    skip: qemu-img / qemu-io not installed (the oracle for these tests)');
-      this.skip();
+      skipBecause(this, 'qemu-img / qemu-io not installed (the oracle for these tests)');
     }
   });
 

@@ -5,12 +5,12 @@ import { expect } from 'chai';
 import { isVblkError } from '../../src/errors';
 import { close, eventfd, ioctl, mmap, munmap, open, MAP_SHARED, O_RDONLY, O_RDWR, PROT_READ, PROT_WRITE } from '../../src/native/libc';
 import { nativeLibraryPath } from '../../src/native/library';
+import { skipBecause } from '../helpers/skip';
 
 describe('native libc bindings', function () {
   before(function () {
     if (!fs.existsSync(nativeLibraryPath())) {
-      console.log(`    skip: ${nativeLibraryPath()} missing (run make native)`);
-      this.skip();
+      skipBecause(this, `${nativeLibraryPath()} missing (run make native)`);
     }
   });
 

@@ -6,6 +6,7 @@ import { expect } from 'chai';
 import { checkKvmApiVersion, kvmUnavailableReason } from '../../src/kvm/kvm';
 import { defaultGuestImage } from '../../src/kvm/run-guest';
 import { vblk, VBLK_BIN as CLI } from '../cli/run-vblk';
+import { skipBecause } from '../helpers/skip';
 
 describe('vblk run', function () {
   this.timeout(120000);
@@ -21,13 +22,11 @@ describe('vblk run', function () {
     it('no permission on /dev/kvm: exit 2 and one line that says so', function () {
       const setpriv = spawnSync('setpriv', ['--version'], { stdio: 'ignore' }).status === 0;
       if (process.getuid?.() !== 0 || !setpriv || !fs.existsSync('/dev/kvm') || (fs.statSync('/dev/kvm').mode & 0o006) !== 0) {
-        console.log('      skip: needs root, setpriv and a /dev/kvm that "nobody" cannot open, to run the command as "nobody"');
-        this.skip();
+        skipBecause(this, 'needs root, setpriv and a /dev/kvm that "nobody" cannot open, to run the command as "nobody"');
       }
       const asNobody = ['--reuid=65534', '--regid=65534', '--clear-groups', process.execPath];
       if (spawnSync('setpriv', [...asNobody, '-e', `require('fs').accessSync(${JSON.stringify(CLI)}, require('fs').constants.R_OK)`]).status !== 0) {
-        console.log(`      skip: user "nobody" cannot read ${CLI}`);
-        this.skip();
+        skipBecause(this, `user "nobody" cannot read ${CLI}`);
       }
       const r = spawnSync('setpriv', [...asNobody, CLI, 'run'], { encoding: 'utf8' });
       expect(r.status).to.equal(2);
@@ -51,8 +50,7 @@ describe('vblk run', function () {
     before(function () {
       const why = kvmUnavailableReason();
       if (why !== null || !fs.existsSync(defaultGuestImage())) {
-        console.log(`      skip: ${why ?? `${defaultGuestImage()} missing (run \`make guest-kvm\`)`}`);
-        this.skip();
+        skipBecause(this, why ?? `${defaultGuestImage()} missing (run \`make guest-kvm\`)`);
       }
     });
     beforeEach(function () {

@@ -4,6 +4,7 @@ import { Kvm, kvmUnavailableReason } from '../../src/kvm/kvm';
 import { enterLongMode, writeBootTables } from '../../src/kvm/long-mode';
 import type { Vm } from '../../src/kvm/vm';
 import type { Vcpu } from '../../src/kvm/vcpu';
+import { skipBecause } from '../helpers/skip';
 
 const ENTRY = 0x8000;
 
@@ -46,8 +47,7 @@ describe('KVM vCPU (real /dev/kvm)', function () {
   before(function () {
     const why = kvmUnavailableReason();
     if (why !== null) {
-      console.log(`    skip: ${why}`);
-      this.skip();
+      skipBecause(this, why);
     }
   });
 
@@ -138,7 +138,10 @@ describe('KVM vCPU (real /dev/kvm)', function () {
       kvm.close();
     }
   });
+});
 
+// Needs neither /dev/kvm nor the native library's KVM calls: runs everywhere.
+describe('KVM device errors', function () {
   it('a missing KVM device gives one clear E_KVM line', function () {
     expect(() => Kvm.open('/nonexistent/kvm')).to.throw('Cannot open /nonexistent/kvm: it does not exist (KVM is not available on this host)');
   });

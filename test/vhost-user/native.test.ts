@@ -6,6 +6,7 @@ import { EFD_NONBLOCK, eventfd } from '../../src/native/libc';
 import { nativeLibraryPath } from '../../src/native/library';
 import { Poller, acceptConnection, connectUnix, listenUnix, receiveWithFds, sendWithFds, watchEventfd } from '../../src/native/vhost';
 import { until } from './socket-client';
+import { skipBecause } from '../helpers/skip';
 
 function signal(fd: number, n = 1n): void {
   const b = Buffer.alloc(8);
@@ -17,8 +18,7 @@ describe('native vhost shim (SCM_RIGHTS, poller)', () => {
   let dir: string;
   before(function () {
     if (!fs.existsSync(nativeLibraryPath())) {
-      console.log(`      (skipped: ${nativeLibraryPath()} is missing; run \`make native\`)`);
-      this.skip();
+      skipBecause(this, `${nativeLibraryPath()} is missing; run \`make native\``);
     }
   });
   beforeEach(() => {

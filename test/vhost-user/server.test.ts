@@ -16,6 +16,7 @@ import { encodeMemTable, encodeU64, encodeVringAddr, encodeVringState } from '..
 import { FLAGS, MAX_QUEUED_MESSAGES, PROTOCOL_F, VHOST_USER, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/transport/vhost-user/protocol';
 import { serveImage } from '../../src/cli/commands/serve';
 import { SocketFrontEnd, until } from './socket-client';
+import { skipBecause } from '../helpers/skip';
 
 const GUEST_BASE = 0x10_0000;
 const USER_BASE = 0x7f00_0000_0000n;
@@ -44,8 +45,7 @@ describe('vhost-user server over a Unix socket', function () {
 
   before(function () {
     if (!fs.existsSync(nativeLibraryPath())) {
-      console.log(`      (skipped: ${nativeLibraryPath()} is missing; run \`make native\`)`);
-      this.skip();
+      skipBecause(this, `${nativeLibraryPath()} is missing; run \`make native\``);
     }
   });
 

@@ -9,6 +9,7 @@ import { VIRTIO_F } from '../../src/virtio/device';
 import { VIRTQ_DESC_F } from '../../src/virtio/chain';
 import { splitRingSizes } from '../../src/virtio/queue';
 import { rng, pattern, turns } from './helpers';
+import { useFuzzSeed } from '../helpers/seed';
 
 /**
  * Randomised corruption fuzz: valid requests are laid out, then descriptor tables, indirect
@@ -76,7 +77,7 @@ describe('virtio-blk corruption fuzz', function () {
   this.timeout(SECONDS * 1000 + 60000);
 
   it(`survives random ring and descriptor corruption for ${SECONDS} s`, async () => {
-    const baseSeed = Number(process.env.VBLK_FUZZ_SEED ?? Date.now() % 0x7fffffff);
+    const baseSeed = useFuzzSeed();
     const deadline = Date.now() + SECONDS * 1000;
     let iterations = 0;
     let resets = 0;

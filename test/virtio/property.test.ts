@@ -14,6 +14,8 @@ import type { SubmittedBlkRequest, BlkCompletion } from '../../src/virtio/mock-d
 import { VIRTIO_BLK_T, VIRTIO_BLK_S, VIRTIO_BLK_F } from '../../src/virtio/blk-config';
 import { VIRTIO_F } from '../../src/virtio/device';
 import { pattern, rng, RAM_BASE } from './helpers';
+import { skipBecause } from '../helpers/skip';
+import { useFuzzSeed } from '../helpers/seed';
 
 /**
  * Property: any stream of valid requests (random descriptor splits, direct or indirect, spread
@@ -177,7 +179,6 @@ async function runStream(t: Target, stream: { batches: Req[][]; eventIdx?: boole
     const before = model.clone();
     for (const { r, s } of subs) {
       const c = results.get(s) as BlkCompletion;
-      const off = r.sector * 512;
       const bytes = r.nsec * 512;
       if (r.op === 'in') {
         expect(c.status, 'IN status').to.equal(VIRTIO_BLK_S.OK);
@@ -206,6 +207,9 @@ async function runStream(t: Target, stream: { batches: Req[][]; eventIdx?: boole
 
 describe('virtio-blk property: random valid request streams match a reference model', function () {
   this.timeout(120000);
+  before(() => {
+    useFuzzSeed();
+  });
 
   it('on a memory disk with random completion order', async () => {
     await fc.assert(
@@ -275,8 +279,7 @@ describe('virtio-blk property: random valid request streams match a reference mo
 
     it('qcow2 image made by qemu-img (read-write when qcow2 read-write is available, then also qemu-img check)', async function () {
       if (spawnSync('qemu-img', ['--version'], { stdio: 'ignore' }).status !== 0 || spawnSync('qemu-io', ['--version'], { stdio: 'ignore' }).status !== 0) {
-        console.log('    (skipped: qemu-img/qemu-io not found; install Debian qemu-utils)');
-        this.skip();
+        skipBecause(this, 'qemu-img/qemu-io not found; install Debian qemu-utils');
       }
       const q2 = path.join(dir, 'base.qcow2');
       const run = (args: string[], tool = 'qemu-img'): void => {
