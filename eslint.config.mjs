@@ -15,6 +15,9 @@ export default tseslint.config(
     rules: {
       // Unused names are dead code; a leading underscore marks a deliberately unused parameter.
       '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_', varsIgnorePattern: '^_', caughtErrors: 'none' }],
+      // ffi-rs is loaded on first use (src/native/library.ts), so that importing vblk works where
+      // its native addon cannot load; that one lazy require is the exception.
+      '@typescript-eslint/no-require-imports': ['error', { allow: ['^ffi-rs$'] }],
     },
   },
   {

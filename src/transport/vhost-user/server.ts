@@ -104,7 +104,13 @@ export class VhostUserServer extends EventEmitter {
    * Creates the socket and starts accepting.
    * @throws TransportError when the path is taken by something other than a socket, or bind fails.
    */
-  static async listen(opts: VhostUserServerOptions): Promise<VhostUserServer> {
+  static listen(opts: VhostUserServerOptions): Promise<VhostUserServer> {
+    // A promise (a throw below becomes its rejection), so callers need not care that binding a
+    // unix socket is synchronous.
+    return new Promise((resolve) => resolve(VhostUserServer.#listenNow(opts)));
+  }
+
+  static #listenNow(opts: VhostUserServerOptions): VhostUserServer {
     let st: fs.Stats | undefined;
     try {
       st = fs.lstatSync(opts.socketPath);
