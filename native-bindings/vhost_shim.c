@@ -131,7 +131,10 @@ int64_t vblk_vu_recv(int32_t fd, uint8_t *buf, uint64_t len, int32_t *fds, int32
 	return r;
 }
 
-/* Sends all of `buf` (with `nfds` descriptors attached when > 0); MSG_NOSIGNAL, no SIGPIPE. */
+/*
+ * Sends as much of `buf` as the socket takes without waiting (descriptors ride on the first byte),
+ * MSG_NOSIGNAL. Returns the bytes sent (all of them on a blocking socket), -EAGAIN when none.
+ */
 int64_t vblk_vu_send(int32_t fd, const uint8_t *buf, uint64_t len, const int32_t *fds, int32_t nfds)
 {
 	size_t done = 0;
@@ -162,11 +165,13 @@ int64_t vblk_vu_send(int32_t fd, const uint8_t *buf, uint64_t len, const int32_t
 		if (r < 0) {
 			if (errno == EINTR)
 				continue;
-			if (errno == EAGAIN) {
-				/* Replies are small; a full socket buffer means a stuck peer. Wait briefly. */
-				usleep(1000);
-				continue;
-			}
+			/*
+			 * Never wait for the peer: a full socket buffer returns what went out so far (the
+			 * caller queues the rest and writes it when the socket is writable), -EAGAIN when
+			 * nothing did. A front-end that stops reading must not stall the process.
+			 */
+			if (errno == EAGAIN || errno == EWOULDBLOCK)
+				return done > 0 ? (int64_t)done : -EAGAIN;
 			return -(int64_t)errno;
 		}
 		done += (size_t)r;
@@ -373,12 +378,19 @@ int64_t vblk_poller_add(int32_t id, int32_t fd, uint32_t token, int32_t mode)
 	return 0;
 }
 
-int64_t vblk_poller_rearm(int32_t id, int32_t fd, uint32_t token)
+/*
+ * Re-enables a mode-2 registration for one more report: `interest` bit 0 = readable, bit 1 =
+ * writable (a socket with replies queued), both = whichever comes first.
+ */
+int64_t vblk_poller_rearm(int32_t id, int32_t fd, uint32_t token, int32_t interest)
 {
 	struct poller *p = get_poller(id);
 	if (p == NULL)
 		return -EBADF;
-	struct epoll_event ev = { .events = EPOLLIN | EPOLLONESHOT, .data.u64 = ((uint64_t)token << 32) | (uint32_t)fd };
+	if (interest < 1 || interest > 3)
+		return -EINVAL;
+	uint32_t events = EPOLLONESHOT | ((interest & 1) ? EPOLLIN : 0) | ((interest & 2) ? EPOLLOUT : 0);
+	struct epoll_event ev = { .events = events, .data.u64 = ((uint64_t)token << 32) | (uint32_t)fd };
 	return epoll_ctl(p->epfd, EPOLL_CTL_MOD, fd, &ev) < 0 ? -(int64_t)errno : 0;
 }
 

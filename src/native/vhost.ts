@@ -8,10 +8,10 @@
  * call eventfds are written with `fs.writeSync`. FFI calls happen only for protocol messages
  * (a few dozen per connection) and (de)registration of descriptors.
  */
-import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { arg, callI64, checkErrno } from './library';
 import { TransportError } from '../errors';
+import { closeQuietly } from './close-quietly';
 
 const EAGAIN = 11;
 const EMPTY = Buffer.alloc(0);
@@ -73,15 +73,19 @@ export function receiveWithFds(fd: number, buf: Buffer): Received | undefined {
   return { bytes, fds };
 }
 
-/** Sends all of `buf` with `fds` attached (SCM_RIGHTS); no SIGPIPE. */
-export function sendWithFds(fd: number, buf: Uint8Array, fds: readonly number[] = []): void {
+/**
+ * Sends as much of `buf` as the socket takes now, `fds` attached to its first byte (SCM_RIGHTS);
+ * no SIGPIPE. Never waits: on a non-blocking socket whose buffer is full it returns how many
+ * bytes went (0 when none did; the descriptors went only if some bytes did). A blocking socket
+ * takes all of it.
+ */
+export function sendWithFds(fd: number, buf: Uint8Array, fds: readonly number[] = []): number {
   if (fds.length > MAX_MESSAGE_FDS) throw new RangeError(`too many descriptors: ${fds.length}`);
   const fdBuf = Buffer.alloc(4 * Math.max(1, fds.length));
   fds.forEach((f, i) => fdBuf.writeInt32LE(f, 4 * i));
-  checkErrno(
-    callI64('vblk', 'vblk_vu_send', [arg.i32(fd), arg.buffer(buf), arg.i64(buf.length), arg.buffer(fdBuf), arg.i32(fds.length)]),
-    `send on fd ${fd}`,
-  );
+  const r = callI64('vblk', 'vblk_vu_send', [arg.i32(fd), arg.buffer(buf), arg.i64(buf.length), arg.buffer(fdBuf), arg.i32(fds.length)]);
+  if (errnoOf(r) === EAGAIN) return 0;
+  return checkErrno(r, `send on fd ${fd}`);
 }
 
 /** How the poller treats a descriptor: drain an eventfd counter, or report a socket once. */
@@ -134,10 +138,15 @@ export class Poller {
     );
   }
 
-  /** Re-enables a `oneshot` registration after its descriptor has been drained. */
-  rearm(fd: number, token: number): void {
+  /**
+   * Re-enables a `oneshot` registration for one more report: when the descriptor is readable
+   * (the default: after it has been drained), writable (output is waiting), or either.
+   */
+  rearm(fd: number, token: number, interest: { readable?: boolean; writable?: boolean } = { readable: true }): void {
     this.#checkOpen();
-    checkErrno(callI64('vblk', 'vblk_poller_rearm', [arg.i32(this.#id), arg.i32(fd), arg.i32(token >>> 0)]), `re-arm fd ${fd}`);
+    const bits = (interest.readable === true ? 1 : 0) | (interest.writable === true ? 2 : 0);
+    if (bits === 0) throw new RangeError('rearm needs readable, writable or both');
+    checkErrno(callI64('vblk', 'vblk_poller_rearm', [arg.i32(this.#id), arg.i32(fd), arg.i32(token >>> 0), arg.i32(bits)]), `re-arm fd ${fd}`);
   }
 
   /** Stops watching `fd` (no-op when it is not watched). */
@@ -160,13 +169,6 @@ export class Poller {
   }
 }
 
-function fsCloseQuietly(fd: number): void {
-  try {
-    fs.closeSync(fd);
-  } catch {
-    // already closed
-  }
-}
 
 /** A close-on-exec duplicate of `fd` (same open file description). */
 export function dupFd(fd: number): number {
@@ -235,7 +237,7 @@ export function watchEventfd(fd: number, onEvent: () => void): (() => void) | un
     socket = new net.Socket({ handle, readable: true, writable: false, onread } as net.SocketConstructorOpts);
   } catch {
     try {
-      fsCloseQuietly(dup);
+      closeQuietly(dup);
     } finally {
       pipeWrap = null; // do not try again: fall back to the poller from now on
     }

@@ -17,6 +17,7 @@ import type { VringAddr } from './codec';
 import { MemoryTable } from './memory-table';
 import type { RegionMapper } from './memory-table';
 import { FLAGS, PROTOCOL_F, VHOST_F_LOG_ALL, VHOST_USER, VHOST_USER_F_PROTOCOL_FEATURES, VRING_INDEX_MASK, VRING_NOFD_MASK, requestName } from './protocol';
+import { closeQuietly } from '../../native/close-quietly';
 
 /** What the back-end needs from its surroundings (injected so tests can observe it). */
 export interface BackendEnv {
@@ -497,10 +498,3 @@ export class VhostUserBackend {
   }
 }
 
-function closeQuietly(fd: number): void {
-  try {
-    fs.closeSync(fd);
-  } catch {
-    // already closed
-  }
-}

@@ -10,6 +10,7 @@ import { MessageDecoder } from './codec';
 import type { VhostUserMessage } from './codec';
 import type { RegionMapper } from './memory-table';
 import { MAX_QUEUED_MESSAGES, requestName } from './protocol';
+import { closeQuietly } from '../../native/close-quietly';
 
 /** Options of `VhostUserServer.listen`. */
 export interface VhostUserServerOptions {
@@ -35,6 +36,12 @@ const TOKEN_LISTEN = 1;
 const TOKEN_CONN = 2;
 const FIRST_KICK_TOKEN = 16;
 const RECV_CHUNK = 8192;
+/**
+ * Reply bytes one front-end may leave unread before it is disconnected. Replies are small
+ * (a few dozen bytes; GET_CONFIG at most 256): only a peer that sends requests and never reads
+ * the answers gets near this, and it must not grow our memory without bound.
+ */
+export const MAX_UNREAD_REPLY_BYTES = 256 * 1024;
 /** Pause before accepting again after accept failed (descriptor exhaustion). */
 const ACCEPT_RETRY_MS = 100;
 
@@ -155,7 +162,7 @@ export class VhostUserServer extends EventEmitter {
   #onToken(token: number): void {
     if (this.#closing) return;
     if (token === TOKEN_LISTEN) this.#accept();
-    else if (token === TOKEN_CONN) this.#session?.readable();
+    else if (token === TOKEN_CONN) this.#session?.ready();
     else this.#kicks.get(token)?.();
   }
 
@@ -264,6 +271,9 @@ class Session {
   readonly #buf = Buffer.alloc(RECV_CHUNK);
   #running: Promise<void> | undefined;
   #ended = false;
+  /** Reply bytes the socket has not taken yet, oldest first (written when it becomes writable). */
+  readonly #unsent: Buffer[] = [];
+  #unsentBytes = 0;
   /** Reading stopped because the backlog is full (the socket is not armed). */
   #paused = false;
 
@@ -278,6 +288,13 @@ class Session {
   /** Messages received and not yet handled (at most about MAX_QUEUED_MESSAGES). */
   get backlog(): number {
     return this.#queue.length;
+  }
+
+  /** The poller reported the socket: write what is waiting, then read what arrived. */
+  ready(): void {
+    if (this.#ended) return;
+    if (!this.#flushReplies()) return;
+    this.readable();
   }
 
   /**
@@ -313,14 +330,7 @@ class Session {
         return;
       }
     }
-    if (!this.#paused) {
-      try {
-        this.#poller.rearm(this.fd, TOKEN_CONN);
-      } catch (e) {
-        this.disconnect(`cannot watch the socket: ${e instanceof Error ? e.message : String(e)}`);
-        return;
-      }
-    }
+    if (!this.#arm()) return;
     if (this.#running === undefined) {
       this.#running = this.#run().finally(() => {
         this.#running = undefined;
@@ -335,20 +345,78 @@ class Session {
         if (this.#paused && this.#queue.length <= MAX_QUEUED_MESSAGES / 2) this.readable();
         const { reply, close } = await this.backend.handle(m);
         if (this.#ended) break;
-        if (reply) {
-          try {
-            sendWithFds(this.fd, reply);
-          } catch (e) {
-            this.disconnect(`cannot reply to ${requestName(m.request)}: ${e instanceof Error ? e.message : String(e)}`);
-            break;
-          }
-        }
+        if (reply && !this.#reply(reply, m.request)) break;
         if (close) {
           this.disconnect(`closing the connection: ${requestName(m.request)} needs a reply vblk cannot give`);
           break;
         }
       }
     }
+  }
+
+  /**
+   * Sends `reply`, or queues what the socket does not take now (it goes out when the socket is
+   * writable). False when the session ended: the send failed, or the peer has left more than
+   * MAX_UNREAD_REPLY_BYTES unread.
+   */
+  #reply(reply: Uint8Array, request: number): boolean {
+    if (this.#unsent.length === 0) {
+      let sent: number;
+      try {
+        sent = sendWithFds(this.fd, reply);
+      } catch (e) {
+        this.disconnect(`cannot reply to ${requestName(request)}: ${e instanceof Error ? e.message : String(e)}`);
+        return false;
+      }
+      if (sent === reply.length) return true;
+      reply = reply.subarray(sent);
+    }
+    this.#unsent.push(Buffer.from(reply));
+    this.#unsentBytes += reply.length;
+    if (this.#unsentBytes > MAX_UNREAD_REPLY_BYTES) {
+      this.disconnect(`the front-end does not read its replies (${this.#unsentBytes} bytes unread, the limit is ${MAX_UNREAD_REPLY_BYTES}): disconnecting it`);
+      return false;
+    }
+    if (this.#unsent.length === 1) return this.#arm(); // the first queued bytes: watch for writability
+    return true;
+  }
+
+  /** Writes queued replies until the socket is full or they are gone; false when the session ended. */
+  #flushReplies(): boolean {
+    while (this.#unsent.length > 0) {
+      const head = this.#unsent[0] as Buffer;
+      let sent: number;
+      try {
+        sent = sendWithFds(this.fd, head);
+      } catch (e) {
+        this.disconnect(`cannot send queued replies: ${e instanceof Error ? e.message : String(e)}`);
+        return false;
+      }
+      this.#unsentBytes -= sent;
+      if (sent < head.length) {
+        this.#unsent[0] = head.subarray(sent);
+        break;
+      }
+      this.#unsent.shift();
+    }
+    return true;
+  }
+
+  /**
+   * Asks the poller for the next report on the socket: readable unless reading is paused for a
+   * full backlog, writable while replies wait. False when the session ended.
+   */
+  #arm(): boolean {
+    const readable = !this.#paused;
+    const writable = this.#unsent.length > 0;
+    if (!readable && !writable) return true; // resumed by #run once the backlog drains
+    try {
+      this.#poller.rearm(this.fd, TOKEN_CONN, { readable, writable });
+    } catch (e) {
+      this.disconnect(`cannot watch the socket: ${e instanceof Error ? e.message : String(e)}`);
+      return false;
+    }
+    return true;
   }
 
   /** Ends the session once: stop reading, drop queued messages, close the socket, tear down. */
@@ -358,6 +426,8 @@ class Session {
     if (reason !== undefined) this.#log(`vhost-user: ${reason}`);
     for (const m of this.#queue.splice(0)) for (const fd of m.fds) closeQuietly(fd);
     for (const fd of this.#decoder.takeFds()) closeQuietly(fd);
+    this.#unsent.length = 0;
+    this.#unsentBytes = 0;
     try {
       this.#poller.remove(this.fd);
     } catch {
@@ -369,10 +439,3 @@ class Session {
   }
 }
 
-function closeQuietly(fd: number): void {
-  try {
-    fs.closeSync(fd);
-  } catch {
-    // already closed
-  }
-}
