@@ -180,17 +180,6 @@ int64_t vblk_vu_send(int32_t fd, const uint8_t *buf, uint64_t len, const int32_t
 	return (int64_t)done;
 }
 
-/*
- * A close-on-exec duplicate of `fd` (same open file description). The direct kick watcher hands
- * the duplicate to libuv, which closes it when the watch ends, while the caller keeps (and closes)
- * the original: no descriptor is ever closed twice.
- */
-int64_t vblk_vu_dup(int32_t fd)
-{
-	int r = fcntl(fd, F_DUPFD_CLOEXEC, 0);
-	return r < 0 ? -(int64_t)errno : r;
-}
-
 /* ---- poller ------------------------------------------------------------------------------- */
 
 struct slot {

@@ -11,7 +11,6 @@
 import * as net from 'node:net';
 import { arg, callI64, checkErrno } from './library';
 import { TransportError } from '../errors';
-import { closeQuietly } from './close-quietly';
 
 const EAGAIN = 11;
 const EMPTY = Buffer.alloc(0);
@@ -106,6 +105,9 @@ export type PollMode = 'eventfd' | 'oneshot';
  *   ...
  *   p.remove(kickFd); fs.closeSync(kickFd); p.close();
  */
+/** Bytes of tokens one read of the poller pipe takes (256 tokens). */
+const TOKEN_READ_BYTES = 1024;
+
 export class Poller {
   readonly #id: number;
   readonly #pipe: net.Socket;
@@ -116,14 +118,23 @@ export class Poller {
   constructor(onToken: (token: number) => void) {
     this.#id = checkErrno(callI64('vblk', 'vblk_poller_create', []), 'create a poller thread');
     const pipeFd = checkErrno(callI64('vblk', 'vblk_poller_pipe', [arg.i32(this.#id)]), 'get the poller pipe');
-    this.#pipe = new net.Socket({ fd: pipeFd, readable: true, writable: false });
-    this.#pipe.on('data', (chunk: Buffer) => {
-      // Tokens are written atomically (4 bytes < PIPE_BUF), but keep a partial one just in case.
-      const data = this.#rest.length > 0 ? Buffer.concat([this.#rest, chunk]) : chunk;
-      const whole = data.length - (data.length % 4);
-      for (let off = 0; off < whole; off += 4) onToken(data.readUInt32LE(off));
-      this.#rest = whole === data.length ? EMPTY : Buffer.from(data.subarray(whole));
-    });
+    // `onread` hands each read to us in one fixed buffer: no allocation and none of the Readable
+    // stream machinery per wake-up (a guest kick is one of these).
+    const buffer = Buffer.alloc(TOKEN_READ_BYTES);
+    const onread = {
+      buffer,
+      callback: (n: number): void => {
+        // Tokens are written atomically (4 bytes < PIPE_BUF), but keep a partial one just in case.
+        const chunk = buffer.subarray(0, n);
+        const data = this.#rest.length > 0 ? Buffer.concat([this.#rest, chunk]) : chunk;
+        const whole = data.length - (data.length % 4);
+        for (let off = 0; off < whole; off += 4) onToken(data.readUInt32LE(off));
+        this.#rest = whole === data.length ? EMPTY : Buffer.from(data.subarray(whole));
+      },
+    };
+    // (Node has supported `onread` since v12; @types/node 20 leaves it out of the options type.)
+    const opts: net.SocketConstructorOpts & { onread: typeof onread } = { fd: pipeFd, readable: true, writable: false, onread };
+    this.#pipe = new net.Socket(opts);
     this.#pipe.on('error', () => {
       // The pipe only fails when the poller is being destroyed.
     });
@@ -170,84 +181,3 @@ export class Poller {
 }
 
 
-/** A close-on-exec duplicate of `fd` (same open file description). */
-export function dupFd(fd: number): number {
-  return checkErrno(callI64('vblk', 'vblk_vu_dup', [arg.i32(fd)]), `duplicate fd ${fd}`);
-}
-
-/** The shape of Node's internal pipe_wrap binding that `watchEventfd` uses. */
-interface PipeHandle {
-  open(fd: number): number;
-}
-interface PipeWrapBinding {
-  Pipe: new (type: number) => PipeHandle;
-  constants: { SOCKET: number };
-}
-
-let pipeWrap: PipeWrapBinding | null | undefined;
-
-function loadPipeWrap(): PipeWrapBinding | null {
-  if (pipeWrap !== undefined) return pipeWrap;
-  pipeWrap = null;
-  try {
-    const binding = (process as unknown as { binding?: (name: string) => unknown }).binding;
-    const b = typeof binding === 'function' ? binding.call(process, 'pipe_wrap') : undefined;
-    if (typeof b === 'object' && b !== null && 'Pipe' in b && 'constants' in b) {
-      const c = (b as { constants: unknown }).constants;
-      if (typeof (b as { Pipe: unknown }).Pipe === 'function' && typeof c === 'object' && c !== null && typeof (c as { SOCKET?: unknown }).SOCKET === 'number') {
-        pipeWrap = b as PipeWrapBinding;
-      }
-    }
-  } catch {
-    pipeWrap = null;
-  }
-  return pipeWrap;
-}
-
-/**
- * Watches an eventfd directly on the event loop (libuv's epoll, no native thread and no pipe
- * hop): every wake-up reads (drains) the 8-byte counter and calls `onEvent` in the same tick.
- * `net.Socket({ fd })` refuses an eventfd, so the fd is opened through Node's internal
- * `pipe_wrap` binding, which libuv reads like any stream. libuv owns a duplicate of `fd` (closed
- * when the watch ends); the caller keeps `fd`.
- *
- * Measured with a host-side QD1 front-end (docs/review-h9.md): this removes one thread wake-up per
- * kick against the poller thread, the largest single cost of a 4 KiB request.
- *
- * @returns a function that stops the watch (after it returns no further `onEvent` call happens),
- *   or undefined when this Node has no usable pipe_wrap binding (use `Poller` instead).
- */
-export function watchEventfd(fd: number, onEvent: () => void): (() => void) | undefined {
-  const pw = loadPipeWrap();
-  if (pw === null) return undefined;
-  const dup = dupFd(fd);
-  let live = true;
-  let socket: net.Socket;
-  try {
-    const handle = new pw.Pipe(pw.constants.SOCKET);
-    if (handle.open(dup) !== 0) throw new Error('uv_pipe_open failed');
-    // `onread` hands each read straight to the callback in a fixed buffer: no 64 KiB allocation
-    // per read and none of the Readable stream machinery a 'data' listener would run per kick.
-    const onread = {
-      buffer: Buffer.alloc(64),
-      callback: (): void => {
-        if (live) onEvent();
-      },
-    };
-    socket = new net.Socket({ handle, readable: true, writable: false, onread } as net.SocketConstructorOpts);
-  } catch {
-    try {
-      closeQuietly(dup);
-    } finally {
-      pipeWrap = null; // do not try again: fall back to the poller from now on
-    }
-    return undefined;
-  }
-  socket.on('error', () => {
-    // An eventfd read fails only when the watch is being torn down.
-  });
-  return () => {
-    live = false;
-    socket.destroy();
-  };
-}

@@ -73,3 +73,10 @@ describe('source layout', () => {
     expect(cycle?.map((f) => path.relative(SRC, f)).join(' -> '), 'import cycle').to.equal(undefined);
   });
 });
+
+describe('Node APIs', () => {
+  it('src/ reaches no Node internals (process.binding, internalBinding): they warn and go away', () => {
+    const offenders = sourceFiles(SRC).filter((f) => /\bprocess\.binding\b|\binternalBinding\b/.test(fs.readFileSync(f, 'utf8').replace(/\/\/.*$|\/\*[\s\S]*?\*\//gm, '')));
+    expect(offenders.map((f) => path.relative(SRC, f))).to.deep.equal([]);
+  });
+});

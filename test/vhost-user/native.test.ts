@@ -4,7 +4,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { EFD_NONBLOCK, eventfd } from '../../src/native/libc';
 import { nativeLibraryPath } from '../../src/native/library';
-import { Poller, acceptConnection, connectUnix, listenUnix, receiveWithFds, sendWithFds, watchEventfd } from '../../src/native/vhost';
+import { Poller, acceptConnection, connectUnix, listenUnix, receiveWithFds, sendWithFds } from '../../src/native/vhost';
 import { until } from './socket-client';
 import { skipBecause } from '../helpers/skip';
 
@@ -73,41 +73,6 @@ describe('native vhost shim (SCM_RIGHTS, poller)', () => {
       p.close();
       fs.closeSync(e);
     }
-  });
-
-  it('watchEventfd drains the counter and reports once per wake-up on the event loop', async () => {
-    let events = 0;
-    const e = eventfd(0, EFD_NONBLOCK);
-    const stop = watchEventfd(e, () => events++);
-    try {
-      expect(stop, 'this Node has a usable pipe_wrap binding').to.be.a('function');
-      signal(e, 5n);
-      await until(() => events === 1, 'an event');
-      await new Promise((r) => setTimeout(r, 20));
-      expect(events).to.equal(1);
-      const b = Buffer.alloc(8);
-      expect(() => fs.readSync(e, b, 0, 8, null), 'the counter was drained').to.throw(/EAGAIN/);
-      signal(e);
-      await until(() => events === 2, 'a second event');
-    } finally {
-      stop?.();
-      fs.closeSync(e);
-    }
-  });
-
-  it('after the stop function of watchEventfd returns, no event is delivered and the caller\'s fd stays open', async () => {
-    let events = 0;
-    const e = eventfd(0, EFD_NONBLOCK);
-    const before = fs.readdirSync('/proc/self/fd').length;
-    const stop = watchEventfd(e, () => events++);
-    expect(stop).to.be.a('function');
-    signal(e); // pending when we stop: must not be delivered
-    stop?.();
-    await new Promise((r) => setTimeout(r, 30));
-    expect(events).to.equal(0);
-    expect(fs.fstatSync(e).isFile()).to.equal(false); // still open: fstat does not throw
-    expect(fs.readdirSync('/proc/self/fd').length, 'the duplicate libuv owned is closed').to.equal(before);
-    fs.closeSync(e);
   });
 
   it('a oneshot registration reports once until re-armed', async () => {

@@ -68,14 +68,13 @@ describe('vhost-user server over a Unix socket', function () {
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
-  async function startServer(disk: Partial<MemoryDiskOptions> = {}, kickMode: 'direct' | 'poller' = 'direct'): Promise<{ dev: VirtioBlkDevice; data: Buffer }> {
+  async function startServer(disk: Partial<MemoryDiskOptions> = {}): Promise<{ dev: VirtioBlkDevice; data: Buffer }> {
     const d = createMemoryDisk({ size: 1 << 20, path: '/images/vus.img', ...disk });
     const dev = new VirtioBlkDevice(d, { queueSize: 16 });
     server = await VhostUserServer.listen({
       socketPath: sock,
       device: dev,
       log: (l) => logs.push(l),
-      kickMode,
       afterSession: async () => {
         flushes++;
         await d.flush();
@@ -141,22 +140,6 @@ describe('vhost-user server over a Unix socket', function () {
     await until(() => !server?.connected, 'the session to end');
     expect(flushes).to.equal(1);
     expect(logs).to.deep.equal([]);
-  });
-
-  it('serves requests with kicks delivered by the native poller thread (kickMode poller, the fallback)', async () => {
-    const { dev, data } = await startServer({}, 'poller');
-    const fe = new SocketFrontEnd(sock);
-    const { drv, kick: k, call } = await bringUp(fe, dev);
-    for (let i = 0; i < 3; i++) {
-      drv.submit(0, { type: VIRTIO_BLK_T.OUT, sector: 8 * i, data: Buffer.alloc(4096, 0x40 + i) });
-      kick(k);
-      await until(() => drv.queues[0]?.usedIdx === i + 1, `write ${i} to complete`);
-      expect(data[8 * i * 512]).to.equal(0x40 + i);
-    }
-    expect(server?.backend?.kickCounts).to.deep.equal([3]);
-    fe.close();
-    for (const fd of [k, call]) fs.closeSync(fd);
-    await until(() => !server?.connected, 'the session to end');
   });
 
   it('a front-end that disconnects with requests in flight: they complete, the disk is flushed, the next front-end is served', async () => {

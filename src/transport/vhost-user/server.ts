@@ -3,7 +3,7 @@ import { EventEmitter } from 'node:events';
 import { TransportError } from '../../errors';
 import type { VirtioDevice } from '../../virtio/device';
 import { mmap, munmap } from '../../native/libc';
-import { Poller, acceptConnection, listenUnix, receiveWithFds, sendWithFds, watchEventfd } from '../../native/vhost';
+import { Poller, acceptConnection, listenUnix, receiveWithFds, sendWithFds } from '../../native/vhost';
 import { VhostUserBackend } from './backend';
 import type { BackendEnv } from './backend';
 import { MessageDecoder } from './codec';
@@ -23,13 +23,6 @@ export interface VhostUserServerOptions {
   readonly mapper?: RegionMapper;
   /** Runs after each session ended and its queues drained (the CLI flushes the disk here). */
   readonly afterSession?: () => Promise<void>;
-  /**
-   * How kick eventfds are watched: `direct` (default) reads them on the event loop itself
-   * (`watchEventfd`), `poller` through the native poller thread and its pipe (one more thread
-   * wake-up per kick; also the fallback when `direct` is unavailable). Environment override for
-   * measurements: VBLK_VU_KICKS=poller.
-   */
-  readonly kickMode?: 'direct' | 'poller';
 }
 
 const TOKEN_LISTEN = 1;
@@ -87,7 +80,6 @@ export class VhostUserServer extends EventEmitter {
   readonly #poller: Poller;
   readonly #listenFd: number;
   readonly #kicks = new Map<number, () => void>();
-  readonly #kickMode: 'direct' | 'poller';
   #nextToken = FIRST_KICK_TOKEN;
   #session: Session | undefined;
   #closing: Promise<void> | undefined;
@@ -102,7 +94,6 @@ export class VhostUserServer extends EventEmitter {
     this.#mapper = opts.mapper ?? mmapRegionMapper;
     this.#afterSession = opts.afterSession;
     this.#listenFd = listenFd;
-    this.#kickMode = opts.kickMode ?? (process.env['VBLK_VU_KICKS'] === 'poller' ? 'poller' : 'direct');
     this.#poller = new Poller((token) => this.#onToken(token));
     this.#poller.add(listenFd, TOKEN_LISTEN, 'oneshot');
   }
@@ -191,10 +182,6 @@ export class VhostUserServer extends EventEmitter {
       mapper: this.#mapper,
       log: this.#log,
       watchKick: (kfd, onKick) => {
-        if (this.#kickMode === 'direct') {
-          const stop = watchEventfd(kfd, onKick);
-          if (stop !== undefined) return stop;
-        }
         const token = this.#nextToken++;
         if (this.#nextToken > 0xffff_fff0) this.#nextToken = FIRST_KICK_TOKEN;
         this.#kicks.set(token, onKick);
