@@ -66,6 +66,30 @@ int64_t vblk_munmap(uint64_t addr, uint64_t len)
 	return munmap((void *)(uintptr_t)addr, (size_t)len) < 0 ? -(int64_t)errno : 0;
 }
 
+/*
+ * The seals of a memfd (F_GET_SEALS), or -errno (EINVAL: the file does not support sealing).
+ * vhost-user guest memory must not shrink under a mapping: that would turn guest accesses into
+ * SIGBUS in this process.
+ */
+int64_t vblk_get_seals(int32_t fd)
+{
+	int r = fcntl(fd, F_GET_SEALS);
+	return r < 0 ? -(int64_t)errno : r;
+}
+
+/* memfd_create(2) with MFD_CLOEXEC added (tests play a front-end's guest RAM with it). */
+int64_t vblk_memfd_create(const char *name, uint32_t flags)
+{
+	int fd = memfd_create(name, flags | MFD_CLOEXEC);
+	return fd < 0 ? -(int64_t)errno : fd;
+}
+
+/* fcntl(F_ADD_SEALS). */
+int64_t vblk_add_seals(int32_t fd, int32_t seals)
+{
+	return fcntl(fd, F_ADD_SEALS, seals) < 0 ? -(int64_t)errno : 0;
+}
+
 int64_t vblk_eventfd(uint32_t initval, int32_t flags)
 {
 	int fd = eventfd(initval, flags | EFD_CLOEXEC);

@@ -131,3 +131,31 @@ export function munmap(m: Mapping): void {
 export function eventfd(initval = 0, flags = 0): number {
   return checkErrno(callI64('vblk', 'vblk_eventfd', [arg.i32(initval), arg.i32(flags)]), 'create an eventfd');
 }
+
+/** File seals (fcntl F_ADD_SEALS / F_GET_SEALS). */
+export const F_SEAL_SEAL = 0x0001;
+export const F_SEAL_SHRINK = 0x0002;
+export const F_SEAL_GROW = 0x0004;
+export const F_SEAL_WRITE = 0x0008;
+/** memfd_create flags. */
+export const MFD_ALLOW_SEALING = 0x0002;
+
+/**
+ * The seals of `fd` (F_GET_SEALS), or undefined when the file does not support sealing (EINVAL:
+ * not a memfd or shmem file).
+ */
+export function getSeals(fd: number): number | undefined {
+  const r = callI64('vblk', 'vblk_get_seals', [arg.i32(fd)]);
+  if (r === -22n /* EINVAL */) return undefined;
+  return checkErrno(r, `read the seals of fd ${fd}`);
+}
+
+/** memfd_create(2) (MFD_CLOEXEC is always added). */
+export function memfdCreate(name: string, flags = 0): number {
+  return checkErrno(callI64('vblk', 'vblk_memfd_create', [arg.string(name), arg.i32(flags)]), 'create a memfd');
+}
+
+/** fcntl(F_ADD_SEALS). */
+export function addSeals(fd: number, seals: number): void {
+  checkErrno(callI64('vblk', 'vblk_add_seals', [arg.i32(fd), arg.i32(seals)]), `seal fd ${fd}`);
+}

@@ -63,10 +63,10 @@ export class FakeFrontEnd {
     this.dev = new VirtioBlkDevice(this.disk, { queueSize: 16, ...o.dev });
     this.drv = new MockBlkDriver(this.dev, this.mem);
     this.tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'vblk-vu-'));
-    const mapper: RegionMapper = (_fd, length) => {
-      if (length > this.ram.length) throw new RangeError(`mapping of ${length} bytes exceeds the ${this.ram.length}-byte file`);
+    const mapper: RegionMapper = (_fd, offset, length) => {
+      if (offset + length > this.ram.length) throw new RangeError(`mapping of ${length} bytes at ${offset} exceeds the ${this.ram.length}-byte file`);
       this.mapped++;
-      return { buffer: this.ram.subarray(0, length), unmap: () => void this.unmapped++ };
+      return { buffer: this.ram.subarray(offset, offset + length), unmap: () => void this.unmapped++ };
     };
     this.backend = new VhostUserBackend(this.dev, {
       mapper,

@@ -1,4 +1,3 @@
-import { constants as bufferConstants } from 'node:buffer';
 import { TransportError, hex } from '../../errors';
 import { GuestMemory } from '../../memory/guest-memory';
 import type { MemRegionDesc } from './codec';
@@ -16,8 +15,20 @@ export interface RegionMapping {
   unmap(): void;
 }
 
-/** Maps `length` bytes of `fd` from offset 0, shared and read-write (the real one uses mmap). */
-export type RegionMapper = (fd: number, length: number) => RegionMapping;
+/**
+ * Maps exactly `length` bytes of `fd` from byte `offset`, shared and read-write (the real one
+ * uses mmap at the page below `offset` and hides the difference). `length` is at most
+ * MAX_MAPPING_BYTES: a larger region is mapped in several pieces.
+ */
+export type RegionMapper = (fd: number, offset: number, length: number) => RegionMapping;
+
+/**
+ * The largest piece of a region mapped as one Buffer: 2 GiB, under Node's Buffer limit and
+ * aligned to every page and huge-page size, so pieces start on page boundaries. A region larger
+ * than this (a guest with more RAM) becomes several adjacent pieces in GuestMemory; buffers
+ * crossing a seam are gathered from both, only a ring straddling one is refused.
+ */
+export const MAX_MAPPING_BYTES = 2 ** 31;
 
 const SAFE = BigInt(Number.MAX_SAFE_INTEGER);
 
@@ -29,7 +40,8 @@ interface Region {
   readonly guestAddr: number;
   readonly size: number;
   readonly userAddr: number;
-  readonly mapping: RegionMapping;
+  /** The region's mappings in order, each MAX_MAPPING_BYTES but the last. */
+  readonly pieces: readonly RegionMapping[];
 }
 
 /**
@@ -46,7 +58,7 @@ export class MemoryTable {
 
   private constructor(regions: Region[]) {
     this.#regions = regions;
-    this.memory = new GuestMemory(regions.map((r) => ({ guestAddr: r.guestAddr, buffer: r.mapping.buffer })));
+    this.memory = new GuestMemory(regions.flatMap((r) => r.pieces.map((p, k) => ({ guestAddr: r.guestAddr + k * MAX_MAPPING_BYTES, buffer: p.buffer }))));
   }
 
   /**
@@ -65,12 +77,9 @@ export class MemoryTable {
     const checked = descs.map((d, i) => {
       const where = `region ${i} (guest ${hex(d.guestAddr)}+${hex(d.size)})`;
       if (d.size === 0n) throw tableError(`Cannot set memory table: ${where} is empty`);
-      if (d.size > BigInt(bufferConstants.MAX_LENGTH)) throw tableError(`Cannot set memory table: ${where} is larger than ${hex(bufferConstants.MAX_LENGTH)} bytes`);
       if (d.guestAddr + d.size > SAFE) throw tableError(`Cannot set memory table: ${where} ends above 2^53`);
       if (d.userAddr + d.size > SAFE) throw tableError(`Cannot set memory table: ${where} user address ${hex(d.userAddr)} ends above 2^53`);
-      if (d.mmapOffset + d.size > BigInt(bufferConstants.MAX_LENGTH)) {
-        throw tableError(`Cannot set memory table: ${where} mmap offset ${hex(d.mmapOffset)} is too large`);
-      }
+      if (d.mmapOffset + d.size > SAFE) throw tableError(`Cannot set memory table: ${where} mmap offset ${hex(d.mmapOffset)} ends above 2^53`);
       return { index: i, guestAddr: Number(d.guestAddr), size: Number(d.size), userAddr: Number(d.userAddr), mmapOffset: Number(d.mmapOffset) };
     });
     for (const key of ['guestAddr', 'userAddr'] as const) {
@@ -88,23 +97,26 @@ export class MemoryTable {
     try {
       for (const c of checked) {
         const fd = fds[c.index] as number;
-        let mapping: RegionMapping;
-        try {
-          mapping = mapper(fd, c.mmapOffset + c.size);
-        } catch (e) {
-          throw tableError(`Cannot set memory table: region ${c.index} (guest ${hex(c.guestAddr)}+${hex(c.size)}) cannot be mapped from fd ${fd}: ${e instanceof Error ? e.message : String(e)}`);
+        const pieces: RegionMapping[] = [];
+        for (let at = 0; at < c.size; at += MAX_MAPPING_BYTES) {
+          const n = Math.min(MAX_MAPPING_BYTES, c.size - at);
+          try {
+            pieces.push(mapper(fd, c.mmapOffset + at, n));
+          } catch (e) {
+            for (const p of pieces) p.unmap();
+            throw tableError(`Cannot set memory table: region ${c.index} (guest ${hex(c.guestAddr)}+${hex(c.size)}) cannot be mapped from fd ${fd}: ${e instanceof Error ? e.message : String(e)}`);
+          }
         }
-        const whole = mapping.buffer;
         regions.push({
           guestAddr: c.guestAddr,
           size: c.size,
           userAddr: c.userAddr,
-          mapping: { buffer: whole.subarray(c.mmapOffset, c.mmapOffset + c.size), unmap: () => mapping.unmap() },
+          pieces,
         });
       }
       return new MemoryTable(regions);
     } catch (e) {
-      for (const r of regions) r.mapping.unmap();
+      for (const r of regions) for (const p of r.pieces) p.unmap();
       throw e;
     }
   }
@@ -136,9 +148,9 @@ export class MemoryTable {
   unmap(): void {
     if (this.#unmapped) return;
     this.#unmapped = true;
-    for (const r of this.#regions) {
+    for (const p of this.#regions.flatMap((r) => r.pieces)) {
       try {
-        r.mapping.unmap();
+        p.unmap();
       } catch {
         // munmap of a range we mapped cannot fail in practice; nothing else to do.
       }

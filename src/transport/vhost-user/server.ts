@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import { EventEmitter } from 'node:events';
 import { TransportError } from '../../errors';
 import type { VirtioDevice } from '../../virtio/device';
-import { mmap, munmap } from '../../native/libc';
+import { F_SEAL_SHRINK, getSeals, mmap, munmap } from '../../native/libc';
 import { Poller, acceptConnection, listenUnix, receiveWithFds, sendWithFds } from '../../native/vhost';
 import { VhostUserBackend } from './backend';
 import type { BackendEnv } from './backend';
@@ -39,18 +39,43 @@ export const MAX_UNREAD_REPLY_BYTES = 256 * 1024;
 const ACCEPT_RETRY_MS = 100;
 
 /**
- * mmap-based region mapper (MAP_SHARED, read-write). A file (memfd, hugetlbfs, tmpfs file) shorter
- * than the region is refused: touching a mapping past the end of its file raises SIGBUS, which
- * would kill the server the first time the guest pointed a descriptor there.
+ * mmap-based region mapper (MAP_SHARED, read-write), mapping exactly the region: from the page
+ * that holds `offset`, the bytes before `offset` hidden. Two ways a front-end could make a
+ * mapping fault (SIGBUS, which kills the server the first time the guest points a descriptor
+ * there) are refused:
+ * - a file shorter than the region;
+ * - a memfd that may still shrink: without F_SEAL_SHRINK its owner can ftruncate it after we
+ *   mapped it. QEMU's memory-backend-memfd seals it (seal=on, its default); so should any
+ *   front-end. Other files (tmpfs or hugetlbfs via memory-backend-file) cannot be sealed, and
+ *   are taken as they are: their size is checked, their owner is trusted not to truncate them.
  */
-export const mmapRegionMapper: RegionMapper = (fd, length) => {
+export const mmapRegionMapper: RegionMapper = (fd, offset, length) => {
   const st = fs.fstatSync(fd);
-  if (st.isFile() && st.size < length) {
-    throw new TransportError('E_VHOST_PROTOCOL', `Cannot map fd ${fd}: the file has ${st.size} bytes, the region needs ${length}`);
+  if (st.isFile() && st.size < offset + length) {
+    throw new TransportError('E_VHOST_PROTOCOL', `Cannot map fd ${fd}: the file has ${st.size} bytes, the region needs ${offset + length}`);
   }
-  const m = mmap({ length, fd });
-  return { buffer: m.buffer, unmap: () => munmap(m) };
+  if (isMemfd(fd)) {
+    const seals = getSeals(fd) ?? 0;
+    if ((seals & F_SEAL_SHRINK) === 0) {
+      throw new TransportError('E_VHOST_PROTOCOL', `Cannot map fd ${fd}: it is a memfd without F_SEAL_SHRINK, so the front-end could shrink it under the mapping (seal it, as QEMU's memory-backend-memfd does by default)`);
+    }
+  }
+  const skip = offset % PAGE_SIZE;
+  const m = mmap({ length: skip + length, fd, offset: offset - skip });
+  return { buffer: m.buffer.subarray(skip, skip + length), unmap: () => munmap(m) };
 };
+
+/** The mmap granule; hugetlbfs needs larger alignment, which its own mmap then enforces. */
+const PAGE_SIZE = 4096;
+
+/** True when `fd` is a memfd (its /proc link names "/memfd:..."). */
+function isMemfd(fd: number): boolean {
+  try {
+    return fs.readlinkSync(`/proc/self/fd/${fd}`).startsWith('/memfd:');
+  } catch {
+    return false;
+  }
+}
 
 /**
  * A vhost-user back-end server on a Unix socket: one front-end (QEMU, cloud-hypervisor…) at a
