@@ -26,9 +26,8 @@ apt-qemu-system:
 deps: $(NODE_MODULES) apt-qemu-utils
 	@command -v cc >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev >/dev/null; }
 
-$(NATIVE_LIB): $(NATIVE_SRC)
-	@mkdir -p build/native
-	$(if $(NATIVE_SRC),cc -O2 -Wall -Wextra -fPIC -shared -o $@ $(NATIVE_SRC),@echo "no native sources")
+$(NATIVE_LIB): $(NATIVE_SRC) scripts/build-native.js
+	node scripts/build-native.js --strict
 
 native: $(NATIVE_LIB)
 
