@@ -5,15 +5,8 @@
  */
 import { expect } from 'chai';
 import * as fs from 'node:fs';
-import { main } from '../../src/cli/main';
+import { vblk } from '../cli/run-vblk';
 import { requireQemu, useTempDir, createImage, qemuIo, qemuImg, readBytes, pokeBytes, be64 } from '../helpers/qemu';
-
-async function vblk(args: string[]): Promise<{ status: number; out: string }> {
-  let out = '';
-  const w = { write: (s: string) => (out += s) };
-  const status = await main(args, { stdout: w, stderr: w });
-  return { status, out };
-}
 
 function u64(img: string, off: number): number {
   return Number(readBytes(img, off, 8).readBigUInt64BE(0));
@@ -41,10 +34,11 @@ function pointEntry(img: string, l2: number, target: number, flags = COPIED): vo
 
 /** Writes guest cluster 0 through vblk and checks the refusal; returns the output line. */
 async function refusedWrite(img: string, fmt: 'qcow2' | 'qcow'): Promise<string> {
-  const r = await vblk(['io', '-f', fmt, '-c', 'write -P 0x99 0 4k', img]);
-  expect(r.status, r.out).to.equal(1);
-  const lines = r.out.trim().split('\n');
-  expect(lines, r.out).to.have.length(1);
+  const r = await vblk('io', '-f', fmt, '-c', 'write -P 0x99 0 4k', img);
+  expect(r.status, r.stdout + r.stderr).to.equal(1);
+  expect(r.stdout, 'nothing on stdout').to.equal('');
+  const lines = r.stderr.trim().split('\n');
+  expect(lines, r.stderr).to.have.length(1);
   expect(lines[0]).to.match(/L2 entry 0 of table 0x[0-9a-f]+/);
   return lines[0] ?? '';
 }
