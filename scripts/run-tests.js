@@ -10,9 +10,14 @@
 //   records it); a skip without a recorded reason is listed as such;
 // - mocha is not allowed to hang the run: once it has finished, handles still open are named
 //   and the process exits anyway (mocha's --exit, made visible).
+//
+// The KVM tier (build/test/kvm) needs /dev/kvm. With VBLK_KVM_NESTED=1 those files run in a
+// nested QEMU guest through scripts/with-kvm.sh, after the rest, and their counts join the one
+// summary line (a tier that cannot run at all counts as a failure, with the reason).
 'use strict';
 const path = require('node:path');
 const fs = require('node:fs');
+const { spawn } = require('node:child_process');
 const Mocha = require('mocha');
 
 /** How long a finished run may wait for open handles to close by themselves. */
@@ -39,8 +44,53 @@ const grep = process.env.VBLK_TEST_GREP;
 const dirs = args.length > 0 ? args : [path.join(root, 'build', 'test')];
 const files = dirs.flatMap((d) => (d.endsWith('.js') ? [path.resolve(d)] : findTests(path.resolve(d), []))).sort();
 
+/**
+ * The KVM tier runs in the nested guest only when asked (VBLK_KVM_NESTED=1), and never from
+ * inside that guest. Without /dev/kvm and without the request, its tests skip with the reason.
+ */
+const runNestedTier = process.env.VBLK_IN_NESTED_KVM !== '1' && process.env.VBLK_KVM_NESTED === '1';
+const kvmDir = path.join(root, 'build', 'test', 'kvm') + path.sep;
+const nestedFiles = runNestedTier ? files.filter((f) => f.startsWith(kvmDir)) : [];
+const hostFiles = files.filter((f) => !nestedFiles.includes(f));
+
+/**
+ * Runs the KVM tier in the nested guest, its output streamed as it comes; resolves to its
+ * counts, or to one failure saying why it could not run.
+ */
+function runNested() {
+  console.log(`\n  KVM tier: running ${nestedFiles.length} file(s) in a nested guest (VBLK_KVM_NESTED=1, scripts/with-kvm.sh)`);
+  const env = { ...process.env, ...(grep ? { VBLK_TEST_GREP: grep } : {}) };
+  const child = spawn('bash', [path.join(root, 'scripts', 'with-kvm.sh'), process.execPath, __filename, ...nestedFiles], {
+    env,
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  let summary;
+  let rest = '';
+  child.stdout.setEncoding('utf8');
+  child.stdout.on('data', (chunk) => {
+    const lines = (rest + chunk).split('\n');
+    rest = lines.pop() ?? '';
+    for (const l of lines) {
+      // The nested run's own summary line is folded into ours, not printed as a second one.
+      if (/^\d+ passed, \d+ failed, \d+ skipped$/.test(l)) summary = l;
+      else console.log(l);
+    }
+  });
+  return new Promise((resolve) => {
+    child.on('close', (code, signal) => {
+      if (rest !== '') console.log(rest);
+      if (summary === undefined) {
+        console.log(`  KVM tier did not run (with-kvm.sh exit ${code ?? signal}): that is a failure`);
+        return resolve({ passed: 0, failed: 1, skipped: 0 });
+      }
+      const [p, f, sk] = summary.match(/\d+/g).map(Number);
+      resolve({ passed: p, failed: f + (code !== 0 && f === 0 ? 1 : 0), skipped: sk });
+    });
+  });
+}
+
 const mocha = new Mocha({ reporter: 'spec', timeout: 60000, ...(grep ? { grep } : {}) });
-for (const f of files) mocha.addFile(f);
+for (const f of hostFiles) mocha.addFile(f);
 
 let passed = 0;
 let failed = 0;
@@ -51,7 +101,7 @@ const settled = new Set();
 const failedHooks = [];
 const skippedTitles = [];
 
-const runner = mocha.run(() => {
+const runner = mocha.run(async () => {
   // Tests a failed hook kept from running: failed, not vanished.
   let stranded = 0;
   for (const hook of failedHooks) {
@@ -61,6 +111,12 @@ const runner = mocha.run(() => {
     console.log(`  ${hook.fullTitle()}: failed, so ${lost.length} test(s) did not run and count as failed`);
   }
   failed += stranded;
+  if (nestedFiles.length > 0) {
+    const n = await runNested();
+    passed += n.passed;
+    failed += n.failed;
+    skipped += n.skipped;
+  }
   if (passed + failed === 0) {
     console.log(`  no tests ran (${files.length} test file(s) found in ${dirs.join(', ')}): that is a failure`);
     failed = 1;
