@@ -58,7 +58,7 @@ trap 'exit 143' TERM
 : > "$WORK/out"
 : > "$WORK/err"
 
-"$VIRTIOFSD" --socket-path="$WORK/vfs.sock" -o source=/ -o cache=none -o sandbox=chroot -o log_level=err > "$WORK/virtiofsd.log" 2>&1 &
+"$VIRTIOFSD" --socket-path="$WORK/vfs.sock" -o source=/ -o cache=auto -o sandbox=chroot -o log_level=err > "$WORK/virtiofsd.log" 2>&1 &
 VFSD_PID=$!
 for _ in $(seq 100); do [[ -S "$WORK/vfs.sock" ]] && break; sleep 0.05; done
 [[ -S "$WORK/vfs.sock" ]] || { say "virtiofsd did not start: $(tail -n 1 "$WORK/virtiofsd.log")"; exit 2; }
