@@ -11,10 +11,26 @@ import { VirtioError, hex } from '../errors';
  * aliases guest memory, so writes through it are visible to the guest.
  */
 
-/** One guest memory region: `buffer.length` bytes starting at guest physical `guestAddr`. */
+/**
+ * One guest memory region: `length` bytes (default: all of `buffer`) from guest physical
+ * `guestAddr`.
+ *
+ * A Buffer longer than `length` looks ahead: its remaining bytes are the same memory as the
+ * adjacent regions that follow. That is how one host mapping too large for a single Buffer (a
+ * vhost-user region of more than 4 GiB) is represented: as consecutive regions whose Buffers
+ * overlap, so that an access starting in one region and ending inside its Buffer is one zero-copy
+ * view, exactly as if there were no seam (a ring, a request header or a data buffer across a
+ * seam needs no special case anywhere).
+ */
 export interface MemoryRegion {
   readonly guestAddr: number;
   readonly buffer: Buffer;
+  readonly length?: number;
+}
+
+/** A region as GuestMemory keeps it: its length resolved. */
+export interface ResolvedRegion extends MemoryRegion {
+  readonly length: number;
 }
 
 const TWO_POW_32 = 0x1_0000_0000;
@@ -59,53 +75,73 @@ export function addressFromHalves(lo: number, hi: number): number {
  *   mem.slice(0x10000, 4); // a view aliasing ram[0..4]
  */
 export class GuestMemory {
-  readonly #regions: MemoryRegion[];
+  readonly #regions: ResolvedRegion[];
   /** Start addresses and ends (exclusive), parallel to #regions, for a fast lookup. */
   readonly #starts: number[];
   readonly #ends: number[];
+  /** End (exclusive) of what each region's Buffer reaches: #ends, or further for a look-ahead Buffer. */
+  readonly #reach: number[];
   #last = 0;
 
   /**
-   * @param regions the regions; each must have a safe-integer start, a non-empty Buffer, end at or
-   *   below 2^53, and no two may overlap. They are sorted by address; the Buffers are kept as given.
+   * @param regions the regions; each must have a safe-integer start, a non-empty Buffer, a
+   *   length from 1 to the Buffer's, end at or below 2^53, and no two may overlap. A look-ahead
+   *   Buffer (longer than its region) must be followed by adjacent regions covering all of it.
+   *   They are sorted by address; the Buffers are kept as given.
    * @throws RangeError on an invalid region list (a programmer error of the transport).
    */
   constructor(regions: readonly MemoryRegion[]) {
     const sorted = [...regions].sort((a, b) => a.guestAddr - b.guestAddr);
-    for (const r of sorted) {
+    const resolved: ResolvedRegion[] = sorted.map((r) => {
       if (!Number.isSafeInteger(r.guestAddr) || r.guestAddr < 0) {
         throw new RangeError(`Cannot create guest memory: region address ${r.guestAddr} is not a non-negative safe integer`);
       }
       if (!Buffer.isBuffer(r.buffer) || r.buffer.length === 0) {
         throw new RangeError(`Cannot create guest memory: region at ${hex(r.guestAddr)} has no buffer`);
       }
+      const length = r.length ?? r.buffer.length;
+      if (!Number.isSafeInteger(length) || length < 1 || length > r.buffer.length) {
+        throw new RangeError(`Cannot create guest memory: region at ${hex(r.guestAddr)} has length ${length}, not 1 to its buffer's ${r.buffer.length}`);
+      }
       if (!Number.isSafeInteger(r.guestAddr + r.buffer.length)) {
         throw new RangeError(`Cannot create guest memory: region at ${hex(r.guestAddr)} ends above 2^53`);
       }
-    }
-    for (let i = 1; i < sorted.length; i++) {
-      const prev = sorted[i - 1] as MemoryRegion;
-      const cur = sorted[i] as MemoryRegion;
-      if (prev.guestAddr + prev.buffer.length > cur.guestAddr) {
-        throw new RangeError(
-          `Cannot create guest memory: region ${hex(prev.guestAddr)}+${hex(prev.buffer.length)} overlaps region at ${hex(cur.guestAddr)}`,
-        );
+      return { guestAddr: r.guestAddr, buffer: r.buffer, length };
+    });
+    for (let i = 1; i < resolved.length; i++) {
+      const prev = resolved[i - 1] as ResolvedRegion;
+      const cur = resolved[i] as ResolvedRegion;
+      if (prev.guestAddr + prev.length > cur.guestAddr) {
+        throw new RangeError(`Cannot create guest memory: region ${hex(prev.guestAddr)}+${hex(prev.length)} overlaps region at ${hex(cur.guestAddr)}`);
       }
     }
-    this.#regions = sorted.map((r) => ({ guestAddr: r.guestAddr, buffer: r.buffer }));
-    this.#starts = sorted.map((r) => r.guestAddr);
-    this.#ends = sorted.map((r) => r.guestAddr + r.buffer.length);
+    for (const [i, r] of resolved.entries()) {
+      // A look-ahead Buffer claims to be the memory of the next regions: they must be there,
+      // back to back, or an access through it would reach bytes that are not guest memory.
+      let covered = r.guestAddr + r.length;
+      for (let j = i + 1; covered < r.guestAddr + r.buffer.length; j++) {
+        const next = resolved[j];
+        if (next === undefined || next.guestAddr !== covered) {
+          throw new RangeError(`Cannot create guest memory: the buffer of region ${hex(r.guestAddr)}+${hex(r.length)} reaches ${hex(r.guestAddr + r.buffer.length)}, past the regions adjacent to it`);
+        }
+        covered += next.length;
+      }
+    }
+    this.#regions = resolved;
+    this.#starts = resolved.map((r) => r.guestAddr);
+    this.#ends = resolved.map((r) => r.guestAddr + r.length);
+    this.#reach = resolved.map((r) => r.guestAddr + r.buffer.length);
   }
 
-  /** The regions, sorted by guest address. */
-  get regions(): readonly MemoryRegion[] {
+  /** The regions, sorted by guest address (a look-ahead region's Buffer is longer than its length). */
+  get regions(): readonly ResolvedRegion[] {
     return this.#regions;
   }
 
   /** Total bytes of guest memory. */
   get size(): number {
     let n = 0;
-    for (const r of this.#regions) n += r.buffer.length;
+    for (const r of this.#regions) n += r.length;
     return n;
   }
 
@@ -148,17 +184,17 @@ export class GuestMemory {
   }
 
   /**
-   * A zero-copy view of [addr, addr+len), which must lie inside one region.
-   * A zero-length range is valid anywhere (nothing is accessed) and yields an empty Buffer.
+   * A zero-copy view of [addr, addr+len), which must lie inside one region's Buffer (its look-ahead
+   * included). A zero-length range is valid anywhere (nothing is accessed) and yields an empty Buffer.
    * @throws VirtioError E_VIRTIO_MEMORY when the range is outside guest memory or spans regions.
    */
   slice(addr: number, len: number): Buffer {
     this.#checkArgs('access', addr, len);
     if (len === 0) return Buffer.alloc(0);
     const i = this.#find(addr);
-    if (i >= 0 && addr + len <= (this.#ends[i] as number)) {
+    if (i >= 0 && addr + len <= (this.#reach[i] as number)) {
       const off = addr - (this.#starts[i] as number);
-      return (this.#regions[i] as MemoryRegion).buffer.subarray(off, off + len);
+      return (this.#regions[i] as ResolvedRegion).buffer.subarray(off, off + len);
     }
     if (i >= 0 && this.isValidRange(addr, len)) throw memoryError('access', addr, len, 'spans two memory regions (use gather)');
     throw memoryError('access', addr, len, 'is outside guest memory');
@@ -171,46 +207,45 @@ export class GuestMemory {
    */
   view(addr: number, len: number): Buffer | undefined {
     const i = this.#find(addr);
-    if (i < 0 || addr + len > (this.#ends[i] as number)) return undefined;
+    if (i < 0 || addr + len > (this.#reach[i] as number)) return undefined;
     const off = addr - (this.#starts[i] as number);
-    return (this.#regions[i] as MemoryRegion).buffer.subarray(off, off + len);
+    return (this.#regions[i] as ResolvedRegion).buffer.subarray(off, off + len);
   }
 
   /**
-   * Index (into `regions`) of the region holding all of [addr, addr+len), or -1. Lets hot paths
-   * address `regions[i].buffer` at `addr - regions[i].guestAddr` without creating a view.
+   * Index (into `regions`) of the region whose Buffer holds all of [addr, addr+len), or -1. Lets
+   * hot paths address `regions[i].buffer` at `addr - regions[i].guestAddr` without creating a view.
    * `addr` and `len` must be non-negative safe integers (the caller's invariant).
    */
   regionIndex(addr: number, len: number): number {
     const i = this.#find(addr);
-    if (i < 0 || addr + len > (this.#ends[i] as number)) return -1;
+    if (i < 0 || addr + len > (this.#reach[i] as number)) return -1;
     return i;
   }
 
   /**
-   * Zero-copy views covering [addr, addr+len), one per region crossed (adjacent regions only).
+   * Zero-copy views covering [addr, addr+len), as few as the regions' Buffers allow (adjacent
+   * regions only; a look-ahead Buffer serves the regions it covers in one piece).
    * @throws VirtioError E_VIRTIO_MEMORY when any byte is outside guest memory.
    */
   gather(addr: number, len: number): Buffer[] {
     this.#checkArgs('access', addr, len);
     if (len === 0) return [];
-    let i = this.#find(addr);
-    if (i < 0) throw memoryError('access', addr, len, 'is outside guest memory');
     const out: Buffer[] = [];
     let cur = addr;
     let left = len;
-    for (;;) {
-      const r = this.#regions[i] as MemoryRegion;
-      const end = this.#ends[i] as number;
-      const n = Math.min(left, end - cur);
+    while (left > 0) {
+      // Every byte before `cur` was guest memory, so the region holding `cur` continues the range.
+      const i = this.#find(cur);
+      if (i < 0) throw memoryError('access', addr, len, 'is outside guest memory');
+      const r = this.#regions[i] as ResolvedRegion;
+      const n = Math.min(left, (this.#reach[i] as number) - cur);
       const off = cur - r.guestAddr;
       out.push(r.buffer.subarray(off, off + n));
       left -= n;
       cur += n;
-      if (left === 0) return out;
-      i++;
-      if (i >= this.#starts.length || this.#starts[i] !== cur) throw memoryError('access', addr, len, 'is outside guest memory');
     }
+    return out;
   }
 
   /** Copies guest memory at `addr` into `dst` (may span adjacent regions). */
@@ -286,16 +321,16 @@ export class GuestMemory {
   #field(addr: number, len: number): Buffer {
     if (!Number.isSafeInteger(addr) || addr < 0) throw memoryError('access', addr, len, 'has an invalid address');
     const i = this.#find(addr);
-    if (i >= 0 && addr + len <= (this.#ends[i] as number)) {
+    if (i >= 0 && addr + len <= (this.#reach[i] as number)) {
       const off = addr - (this.#starts[i] as number);
-      return (this.#regions[i] as MemoryRegion).buffer.subarray(off, off + len);
+      return (this.#regions[i] as ResolvedRegion).buffer.subarray(off, off + len);
     }
     return Buffer.concat(this.gather(addr, len));
   }
 
   #commit(addr: number, b: Buffer): void {
     const i = this.#find(addr);
-    if (i >= 0 && addr + b.length <= (this.#ends[i] as number)) return; // wrote through the view
+    if (i >= 0 && addr + b.length <= (this.#reach[i] as number)) return; // wrote through the view
     this.writeFrom(addr, b);
   }
 }

@@ -75,11 +75,15 @@ export function ioctlBuffer(fd: number, request: number, buf: Uint8Array, what =
   return checkErrno(callI64('vblk', 'vblk_ioctl_buf', [arg.i32(fd), arg.i64(request), arg.buffer(buf)]), what, 'E_NATIVE');
 }
 
-/** A live memory mapping: its address and a zero-copy Buffer over it. */
-export interface Mapping {
+/** A range of this process's address space mapped by `mmapRange` (or `mmap`). */
+export interface MappedRange {
   /** Host virtual address of the first byte. */
   readonly address: bigint;
   readonly length: number;
+}
+
+/** A live memory mapping: its address and a zero-copy Buffer over it. */
+export interface Mapping extends MappedRange {
   /** The mapped bytes (no copy: writes go straight to the mapping). Do not use after munmap. */
   readonly buffer: Buffer;
 }
@@ -96,8 +100,11 @@ export interface MmapOptions {
   readonly offset?: number | bigint;
 }
 
-/** mmap(2): maps memory and returns its address with a zero-copy Buffer. */
-export function mmap(opts: MmapOptions): Mapping {
+/**
+ * mmap(2) without a Buffer over the result: for mappings larger than one Buffer may be (guest
+ * RAM of several GiB); `bufferAt` makes views of parts of it.
+ */
+export function mmapRange(opts: MmapOptions): MappedRange {
   const { length } = opts;
   if (!Number.isSafeInteger(length) || length <= 0) throw new RangeError(`mmap length invalid: ${length}`);
   const anonymous = opts.fd === undefined;
@@ -112,18 +119,34 @@ export function mmap(opts: MmapOptions): Mapping {
     arg.i64(opts.offset ?? 0),
   ]);
   const what = anonymous ? `map ${length} bytes of memory` : `mmap fd ${opts.fd ?? -1} (${length} bytes at offset ${opts.offset ?? 0})`;
-  checkErrnoBig(r, what);
-  const ptr = callPointer('vblk', 'vblk_ptr', [arg.i64(r)]);
-  return { address: r, length, buffer: externalBuffer(ptr, length) };
-}
-
-function checkErrnoBig(r: bigint, what: string): void {
   // Addresses are user-space (< 2^47) so negative always means -errno.
   if (r < 0n) checkErrno(r, what);
+  return { address: r, length };
 }
 
-/** munmap(2). The mapping's Buffer must not be used afterwards. */
-export function munmap(m: Mapping): void {
+/**
+ * A zero-copy Buffer over `length` bytes at host address `address`, which must stay mapped while
+ * the Buffer is in use. `length` is at most buffer.constants.MAX_LENGTH.
+ */
+export function bufferAt(address: bigint, length: number): Buffer {
+  if (address <= 0n) throw new RangeError(`buffer address invalid: ${address}`);
+  const ptr = callPointer('vblk', 'vblk_ptr', [arg.i64(address)]);
+  return externalBuffer(ptr, length);
+}
+
+/** mmap(2): maps memory and returns its address with a zero-copy Buffer. */
+export function mmap(opts: MmapOptions): Mapping {
+  const m = mmapRange(opts);
+  try {
+    return { ...m, buffer: bufferAt(m.address, m.length) };
+  } catch (e) {
+    munmap(m); // longer than a Buffer can be: nothing may stay mapped
+    throw e;
+  }
+}
+
+/** munmap(2). Buffers over the range must not be used afterwards. */
+export function munmap(m: MappedRange): void {
   checkErrno(callI64('vblk', 'vblk_munmap', [arg.i64(m.address), arg.i64(m.length)]), `munmap ${m.length} bytes`);
 }
 

@@ -115,6 +115,70 @@ describe('GuestMemory', () => {
   });
 });
 
+describe('GuestMemory regions whose Buffers look ahead (one host mapping in several Buffers)', () => {
+  // One 0x3000-byte "mapping" represented as three regions of 0x1000; the first two Buffers
+  // reach 0x2000 bytes (into the next region), the last one only to the end.
+  function make(): { mem: GuestMemory; host: Buffer } {
+    const host = Buffer.alloc(0x3000);
+    const mem = new GuestMemory([
+      { guestAddr: 0x10000, length: 0x1000, buffer: host.subarray(0, 0x2000) },
+      { guestAddr: 0x11000, length: 0x1000, buffer: host.subarray(0x1000, 0x3000) },
+      { guestAddr: 0x12000, buffer: host.subarray(0x2000) },
+    ]);
+    return { mem, host };
+  }
+
+  it('counts each byte of guest memory once', () => {
+    const { mem } = make();
+    expect(mem.size).to.equal(0x3000);
+    expect(mem.regions.map((r) => r.length)).to.deep.equal([0x1000, 0x1000, 0x1000]);
+  });
+
+  it('serves a range across a seam as one zero-copy view of the earlier region\'s Buffer', () => {
+    const { mem, host } = make();
+    const v = mem.slice(0x10ff0, 0x20);
+    v.fill(0x5a);
+    expect(host.subarray(0xff0, 0x1010).equals(Buffer.alloc(0x20, 0x5a))).to.equal(true);
+    expect(mem.view(0x10ff0, 0x20)?.buffer).to.equal(host.buffer);
+    expect(mem.regionIndex(0x10ff0, 0x20)).to.equal(0);
+  });
+
+  it('reads and writes a field across a seam through the look-ahead, not a copy', () => {
+    const { mem, host } = make();
+    mem.writeU64(0x11ffc, 0x0102030405060708n);
+    expect(host.readBigUInt64LE(0x1ffc)).to.equal(0x0102030405060708n);
+    expect(mem.readU64(0x11ffc)).to.equal(0x0102030405060708n);
+  });
+
+  it('gathers a range longer than one look-ahead in as few views as the Buffers allow', () => {
+    const { mem } = make();
+    expect(mem.gather(0x10800, 0x1000).map((p) => p.length)).to.deep.equal([0x1000]);
+    expect(mem.gather(0x10800, 0x2000).map((p) => p.length)).to.deep.equal([0x1800, 0x800]);
+    expect(Buffer.concat(mem.gather(0x10000, 0x3000)).length).to.equal(0x3000);
+  });
+
+  it('never reaches past the last region, look-ahead or not', () => {
+    const { mem } = make();
+    expect(mem.view(0x12ff0, 0x20)).to.equal(undefined);
+    expect(mem.isValidRange(0x10000, 0x3001)).to.equal(false);
+    expectMemoryError(() => mem.slice(0x12ff0, 0x20));
+  });
+
+  it('rejects a Buffer that looks ahead past the regions adjacent to it', () => {
+    const host = Buffer.alloc(0x3000);
+    expect(() => new GuestMemory([{ guestAddr: 0x10000, length: 0x1000, buffer: host.subarray(0, 0x2000) }])).to.throw(RangeError, /past the regions adjacent/);
+    expect(() => new GuestMemory([
+      { guestAddr: 0x10000, length: 0x1000, buffer: host.subarray(0, 0x2000) },
+      { guestAddr: 0x11800, buffer: host.subarray(0x1800) },
+    ])).to.throw(RangeError, /past the regions adjacent/);
+  });
+
+  it('rejects a length of zero or beyond the Buffer', () => {
+    expect(() => new GuestMemory([{ guestAddr: 0x10000, length: 0, buffer: Buffer.alloc(16) }])).to.throw(RangeError, /length 0/);
+    expect(() => new GuestMemory([{ guestAddr: 0x10000, length: 17, buffer: Buffer.alloc(16) }])).to.throw(RangeError, /length 17/);
+  });
+});
+
 describe('guestAddress() / addressFromHalves()', () => {
   it('converts in-range u64 addresses to numbers', () => {
     expect(guestAddress(0x1234n, 16)).to.equal(0x1234);

@@ -66,7 +66,7 @@ export class FakeFrontEnd {
     const mapper: RegionMapper = (_fd, offset, length) => {
       if (offset + length > this.ram.length) throw new RangeError(`mapping of ${length} bytes at ${offset} exceeds the ${this.ram.length}-byte file`);
       this.mapped++;
-      return { buffer: this.ram.subarray(offset, offset + length), unmap: () => void this.unmapped++ };
+      return { view: (at, n) => this.ram.subarray(offset + at, offset + at + n), unmap: () => void this.unmapped++ };
     };
     this.backend = new VhostUserBackend(this.dev, {
       mapper,

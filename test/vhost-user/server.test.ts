@@ -8,7 +8,7 @@ import type { MemoryDiskOptions } from '../../src/disk/memory-disk';
 import { VirtioBlkDevice } from '../../src/virtio/blk';
 import { MockBlkDriver } from '../../src/virtio/mock-driver';
 import { VIRTIO_BLK_S, VIRTIO_BLK_T } from '../../src/virtio/blk-config';
-import { EFD_NONBLOCK, eventfd, mmap, munmap } from '../../src/native/libc';
+import { EFD_NONBLOCK, MFD_ALLOW_SEALING, eventfd, memfdCreate, mmap, munmap } from '../../src/native/libc';
 import type { Mapping } from '../../src/native/libc';
 import { nativeLibraryPath } from '../../src/native/library';
 import { VhostUserServer } from '../../src/transport/vhost-user/server';
@@ -343,6 +343,25 @@ describe('vhost-user server over a Unix socket', function () {
     expect(r.payload.readBigUInt64LE(0)).to.equal(1n);
     expect(logs).to.have.length(1);
     expect(logs[0]).to.match(/the file has 2097152 bytes, the region needs 4194304/);
+    expect(await fe.requestU64(VHOST_USER.GET_QUEUE_NUM)).to.equal(1n);
+    fe.close();
+  });
+
+  it('a memfd its owner could still shrink is refused with an error ack, and the session goes on', async () => {
+    await startServer();
+    const fe = new SocketFrontEnd(sock);
+    fe.send(VHOST_USER.SET_PROTOCOL_FEATURES, encodeU64(1n << PROTOCOL_F.REPLY_ACK));
+    const unsealed = memfdCreate('vblk-test-unsealed', MFD_ALLOW_SEALING);
+    fs.ftruncateSync(unsealed, RAM);
+    fe.send(VHOST_USER.SET_MEM_TABLE, encodeMemTable([{ guestAddr: BigInt(GUEST_BASE), size: BigInt(RAM), userAddr: USER_BASE, mmapOffset: 0n }]), {
+      fds: [unsealed],
+      needReply: true,
+    });
+    const r = await fe.reply();
+    fs.closeSync(unsealed);
+    expect(r.payload.readBigUInt64LE(0)).to.equal(1n);
+    expect(logs).to.have.length(1);
+    expect(logs[0]).to.match(/SET_MEM_TABLE failed: .*memfd without F_SEAL_SHRINK/);
     expect(await fe.requestU64(VHOST_USER.GET_QUEUE_NUM)).to.equal(1n);
     fe.close();
   });

@@ -1,5 +1,6 @@
 import { TransportError, hex } from '../../errors';
 import { GuestMemory } from '../../memory/guest-memory';
+import type { MemoryRegion } from '../../memory/guest-memory';
 import type { MemRegionDesc } from './codec';
 
 /**
@@ -9,26 +10,37 @@ import type { MemRegionDesc } from './codec';
  * addresses arrive (vhost-user.rst, "vring address description").
  */
 
-/** A mapping of one region's fd; `unmap` releases it (the Buffer must not be used afterwards). */
+/**
+ * One region's fd, mapped: `view` gives zero-copy Buffers over parts of it (at most
+ * MAX_VIEW_BYTES each), `unmap` releases it (no view may be used afterwards).
+ */
 export interface RegionMapping {
-  readonly buffer: Buffer;
+  /** `length` bytes of the region from byte `offset` of the region (not of the file). */
+  view(offset: number, length: number): Buffer;
   unmap(): void;
 }
 
 /**
- * Maps exactly `length` bytes of `fd` from byte `offset`, shared and read-write (the real one
- * uses mmap at the page below `offset` and hides the difference). `length` is at most
- * MAX_MAPPING_BYTES: a larger region is mapped in several pieces.
+ * Maps exactly `length` bytes of `fd` from file byte `offset`, shared and read-write, as one
+ * contiguous mapping (the real one, `mmapRegionMapper`, uses mmap from the page below `offset`
+ * and hides the difference). `length` may exceed what one Buffer can hold.
  */
 export type RegionMapper = (fd: number, offset: number, length: number) => RegionMapping;
 
 /**
- * The largest piece of a region mapped as one Buffer: 2 GiB, under Node's Buffer limit and
- * aligned to every page and huge-page size, so pieces start on page boundaries. A region larger
- * than this (a guest with more RAM) becomes several adjacent pieces in GuestMemory; buffers
- * crossing a seam are gathered from both, only a ring straddling one is refused.
+ * Guest memory seams: a region larger than this becomes consecutive GuestMemory regions of
+ * PIECE_BYTES each (the last one shorter), because a Buffer holds at most 4 GiB (Node 20's
+ * buffer.constants.MAX_LENGTH) and guests have more RAM than that.
  */
-export const MAX_MAPPING_BYTES = 2 ** 31;
+export const PIECE_BYTES = 2 ** 31;
+
+/**
+ * The longest view a mapper is asked for: each piece's Buffer looks ahead one more PIECE_BYTES
+ * into the same contiguous mapping, so any access of up to PIECE_BYTES that starts in a piece
+ * (a ring, a request header, a data buffer: all far smaller) is one zero-copy view and seams are
+ * invisible; only a longer one is gathered from two views.
+ */
+export const MAX_VIEW_BYTES = 2 * PIECE_BYTES;
 
 const SAFE = BigInt(Number.MAX_SAFE_INTEGER);
 
@@ -40,8 +52,16 @@ interface Region {
   readonly guestAddr: number;
   readonly size: number;
   readonly userAddr: number;
-  /** The region's mappings in order, each MAX_MAPPING_BYTES but the last. */
-  readonly pieces: readonly RegionMapping[];
+  readonly mapping: RegionMapping;
+}
+
+/** A mapped region as GuestMemory regions: PIECE_BYTES each, every Buffer looking ahead to the region's end or MAX_VIEW_BYTES. */
+function pieces(r: Region): MemoryRegion[] {
+  const out: MemoryRegion[] = [];
+  for (let at = 0; at < r.size; at += PIECE_BYTES) {
+    out.push({ guestAddr: r.guestAddr + at, length: Math.min(PIECE_BYTES, r.size - at), buffer: r.mapping.view(at, Math.min(MAX_VIEW_BYTES, r.size - at)) });
+  }
+  return out;
 }
 
 /**
@@ -58,7 +78,7 @@ export class MemoryTable {
 
   private constructor(regions: Region[]) {
     this.#regions = regions;
-    this.memory = new GuestMemory(regions.flatMap((r) => r.pieces.map((p, k) => ({ guestAddr: r.guestAddr + k * MAX_MAPPING_BYTES, buffer: p.buffer }))));
+    this.memory = new GuestMemory(regions.flatMap(pieces));
   }
 
   /**
@@ -97,26 +117,17 @@ export class MemoryTable {
     try {
       for (const c of checked) {
         const fd = fds[c.index] as number;
-        const pieces: RegionMapping[] = [];
-        for (let at = 0; at < c.size; at += MAX_MAPPING_BYTES) {
-          const n = Math.min(MAX_MAPPING_BYTES, c.size - at);
-          try {
-            pieces.push(mapper(fd, c.mmapOffset + at, n));
-          } catch (e) {
-            for (const p of pieces) p.unmap();
-            throw tableError(`Cannot set memory table: region ${c.index} (guest ${hex(c.guestAddr)}+${hex(c.size)}) cannot be mapped from fd ${fd}: ${e instanceof Error ? e.message : String(e)}`);
-          }
+        let mapping: RegionMapping;
+        try {
+          mapping = mapper(fd, c.mmapOffset, c.size);
+        } catch (e) {
+          throw tableError(`Cannot set memory table: region ${c.index} (guest ${hex(c.guestAddr)}+${hex(c.size)}) cannot be mapped from fd ${fd}: ${e instanceof Error ? e.message : String(e)}`);
         }
-        regions.push({
-          guestAddr: c.guestAddr,
-          size: c.size,
-          userAddr: c.userAddr,
-          pieces,
-        });
+        regions.push({ guestAddr: c.guestAddr, size: c.size, userAddr: c.userAddr, mapping });
       }
       return new MemoryTable(regions);
     } catch (e) {
-      for (const r of regions) for (const p of r.pieces) p.unmap();
+      for (const r of regions) r.mapping.unmap();
       throw e;
     }
   }
@@ -148,9 +159,9 @@ export class MemoryTable {
   unmap(): void {
     if (this.#unmapped) return;
     this.#unmapped = true;
-    for (const p of this.#regions.flatMap((r) => r.pieces)) {
+    for (const r of this.#regions) {
       try {
-        p.unmap();
+        r.mapping.unmap();
       } catch {
         // munmap of a range we mapped cannot fail in practice; nothing else to do.
       }

@@ -2,7 +2,7 @@ import * as fs from 'node:fs';
 import { EventEmitter } from 'node:events';
 import { TransportError } from '../../errors';
 import type { VirtioDevice } from '../../virtio/device';
-import { F_SEAL_SHRINK, getSeals, mmap, munmap } from '../../native/libc';
+import { F_SEAL_SHRINK, bufferAt, getSeals, mmapRange, munmap } from '../../native/libc';
 import { Poller, acceptConnection, listenUnix, receiveWithFds, sendWithFds } from '../../native/vhost';
 import { VhostUserBackend } from './backend';
 import type { BackendEnv } from './backend';
@@ -39,34 +39,71 @@ export const MAX_UNREAD_REPLY_BYTES = 256 * 1024;
 const ACCEPT_RETRY_MS = 100;
 
 /**
- * mmap-based region mapper (MAP_SHARED, read-write), mapping exactly the region: from the page
- * that holds `offset`, the bytes before `offset` hidden. Two ways a front-end could make a
- * mapping fault (SIGBUS, which kills the server the first time the guest points a descriptor
- * there) are refused:
- * - a file shorter than the region;
- * - a memfd that may still shrink: without F_SEAL_SHRINK its owner can ftruncate it after we
- *   mapped it. QEMU's memory-backend-memfd seals it (seal=on, its default); so should any
- *   front-end. Other files (tmpfs or hugetlbfs via memory-backend-file) cannot be sealed, and
- *   are taken as they are: their size is checked, their owner is trusted not to truncate them.
+ * mmap-based region mapper (MAP_SHARED, read-write), mapping exactly the region as one
+ * contiguous mapping: from the page (huge page on hugetlbfs) that holds `offset`, the bytes
+ * before `offset` hidden. Touching a page past the end of the file is SIGBUS, which would kill
+ * the server the first time the guest pointed a descriptor there, so:
+ * - a memfd must carry F_SEAL_SHRINK, or its owner could ftruncate it after we mapped it. QEMU's
+ *   memory-backend-memfd seals it (seal=on, its default); a memfd without the seal (seal=off, or
+ *   a front-end that creates it without MFD_ALLOW_SEALING, as cloud-hypervisor does) is refused
+ *   with a message saying so. The seals are read before the size: once sealed, the size cannot
+ *   drop between the check and the mmap.
+ * - a file shorter than the region is refused.
+ * Other files (memory-backend-file on tmpfs or hugetlbfs, a regular file) cannot be sealed: the
+ * kernel lets whoever holds them writable truncate them. Refusing them would rule out the usual
+ * hugepage set-up, so they are accepted after the size check and their owner, who chose the
+ * path, is trusted not to truncate them while the guest runs (libvhost-user, DPDK and SPDK trust
+ * every file this way).
  */
 export const mmapRegionMapper: RegionMapper = (fd, offset, length) => {
-  const st = fs.fstatSync(fd);
-  if (st.isFile() && st.size < offset + length) {
-    throw new TransportError('E_VHOST_PROTOCOL', `Cannot map fd ${fd}: the file has ${st.size} bytes, the region needs ${offset + length}`);
-  }
   if (isMemfd(fd)) {
     const seals = getSeals(fd) ?? 0;
     if ((seals & F_SEAL_SHRINK) === 0) {
-      throw new TransportError('E_VHOST_PROTOCOL', `Cannot map fd ${fd}: it is a memfd without F_SEAL_SHRINK, so the front-end could shrink it under the mapping (seal it, as QEMU's memory-backend-memfd does by default)`);
+      throw new TransportError('E_VHOST_PROTOCOL', `Cannot map fd ${fd}: it is a memfd without F_SEAL_SHRINK, so the front-end could shrink it under the mapping (seal it, as QEMU's memory-backend-memfd does with seal=on, its default)`, { fd });
     }
   }
-  const skip = offset % PAGE_SIZE;
-  const m = mmap({ length: skip + length, fd, offset: offset - skip });
-  return { buffer: m.buffer.subarray(skip, skip + length), unmap: () => munmap(m) };
+  const st = fs.fstatSync(fd);
+  if (st.isFile() && st.size < offset + length) {
+    throw new TransportError('E_VHOST_PROTOCOL', `Cannot map fd ${fd}: the file has ${st.size} bytes, the region needs ${offset + length}`, { fd, fileBytes: st.size, needed: offset + length });
+  }
+  const granule = mappingGranule(fd, st);
+  const skip = offset % granule;
+  const m = mmapRange({ length: roundUp(skip + length, granule), fd, offset: offset - skip });
+  return {
+    view: (at, n) => {
+      if (!Number.isSafeInteger(at) || !Number.isSafeInteger(n) || at < 0 || n < 1 || at + n > length) {
+        throw new RangeError(`Cannot view ${n} bytes at ${at} of a ${length}-byte region`);
+      }
+      return bufferAt(m.address + BigInt(skip + at), n);
+    },
+    unmap: () => munmap(m),
+  };
 };
 
-/** The mmap granule; hugetlbfs needs larger alignment, which its own mmap then enforces. */
+/** The base page size (x86-64). */
 const PAGE_SIZE = 4096;
+const HUGETLBFS_MAGIC = 0x958458f6;
+
+/**
+ * The unit mmap offsets and lengths of `fd` must be multiples of: the page, or on hugetlbfs
+ * (memory-backend-file on /dev/hugepages, a MFD_HUGETLB memfd) the huge page, which the file's
+ * block size is there (mmap refuses an offset below it, munmap a length).
+ */
+function mappingGranule(fd: number, st: fs.Stats): number {
+  let type: number;
+  try {
+    type = fs.statfsSync(`/proc/self/fd/${fd}`).type;
+  } catch {
+    return PAGE_SIZE;
+  }
+  const b = st.blksize;
+  const hugePage = type === HUGETLBFS_MAGIC && b > PAGE_SIZE && (b & (b - 1)) === 0;
+  return hugePage ? b : PAGE_SIZE;
+}
+
+function roundUp(n: number, unit: number): number {
+  return Math.ceil(n / unit) * unit;
+}
 
 /** True when `fd` is a memfd (its /proc link names "/memfd:..."). */
 function isMemfd(fd: number): boolean {
