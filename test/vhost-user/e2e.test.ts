@@ -132,7 +132,11 @@ describe('vhost-user e2e: a Linux guest on vblk serve (QEMU TCG)', function () {
     });
   });
 
-  it('adaptive polling: at iodepth 32 the Linux driver kicks far less per request than with polling off', async () => {
+  it('adaptive polling: at iodepth 32 the Linux driver kicks far less per request than with polling off', async function () {
+    // Under TCG on a shared 2-core machine a 3 s run can leave the policy in its off/backoff state
+    // throughout (one run in about five found a handful of requests by polling); one retry, and
+    // the figures of each attempt are printed.
+    this.retries(1);
     const img = rawImage('kicks.raw', 64 << 20);
     /** Kicks per request over a 3 s fio random-read run at iodepth 32, and serve's log. */
     const kicksPerRequest = async (extra: string[]): Promise<{ ratio: number; log: string }> =>
@@ -156,6 +160,7 @@ describe('vhost-user e2e: a Linux guest on vblk serve (QEMU TCG)', function () {
     // The disconnect line says how many requests polling found, and says nothing of it when off.
     const found = /requests found by polling: (\d+) \(of (\d+) poll windows\)/.exec(on.log);
     expect(found, on.log).to.not.equal(null);
+    console.log(`      (kicks per request: off ${off.ratio.toFixed(2)}, on ${on.ratio.toFixed(2)}; ${found?.[0] ?? ""})`);
     expect(Number(found?.[1])).to.be.greaterThan(1000);
     expect(off.log).to.not.include('found by polling');
   });
