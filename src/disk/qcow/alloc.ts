@@ -30,15 +30,21 @@ import { inflateCluster } from './compress';
 import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, COMPAT_LAZY_REFCOUNTS } from './header';
 import { L2Table } from './l2-cache';
 import { Kind, type Qcow2State } from './qcow2';
-import { RefcountManager } from './refcount';
-import { QCOW2_OFFSET_MASK, qcow2EntryOffset, qcow2Offset } from './entry';
-
-/** High-word flags of L1/L2 entries. */
-const HI_COPIED = 0x80000000;
-const HI_COMPRESSED = 0x40000000;
-const LO_ZERO = 1;
-const COPIED = 1n << 63n;
-const ZERO_FLAG = 1n;
+import { RefcountManager, type RefcountStructure } from './refcount';
+import {
+  QCOW2_COMPRESSED,
+  QCOW2_COPIED,
+  QCOW2_HI_COMPRESSED,
+  QCOW2_HI_COPIED,
+  QCOW2_LO_ZERO,
+  QCOW2_OFFSET_MASK,
+  QCOW2_ZERO,
+  entryWords,
+  wordsEntry,
+  qcow2Compressed,
+  qcow2EntryOffset,
+  qcow2Offset,
+} from './entry';
 
 /** A minimal async mutex (FIFO). */
 export class Mutex {
@@ -53,10 +59,23 @@ export class Mutex {
   }
 }
 
-/** A byte range of the image file that holds metadata. */
+/** A byte range of the image file that holds metadata, with its name for messages ("the snapshot table"). */
 export interface MetadataExtent {
   readonly offset: number;
   readonly bytes: number;
+  readonly name: string;
+}
+
+/**
+ * What is about to be written where an overlap is checked: data (or a new table: may overlap no
+ * metadata at all), or a structure that may overlap itself: the active L1 table, an active L2
+ * table, a refcount block or the refcount table.
+ */
+type Written = 'data' | 'l1' | 'l2' | RefcountStructure;
+
+/** True when `[start, end)` and `[at, at + bytes)` share a byte. */
+function intersects(start: number, end: number, at: number, bytes: number): boolean {
+  return start < at + bytes && at < end;
 }
 
 interface Freed {
@@ -75,7 +94,9 @@ export class Qcow2Writer implements ByteReader {
    * Host offsets of the L2 tables the active L1 references, with how many L1 entries reference
    * each (overlap checks). It follows the L1 both ways: a table the L1 stops referencing (copied
    * away from a snapshot or from a missing COPIED flag) leaves it, since its cluster may be freed
-   * and handed out again as data.
+   * and handed out again as data. (The other metadata is checked from live state: the header
+   * copy for the L1 table, the refcount manager for the refcount table, which moves when it
+   * grows, and for the blocks, which never move.)
    */
   readonly #l2Refs = new Map<number, number>();
   #prepared = false;
@@ -100,6 +121,10 @@ export class Qcow2Writer implements ByteReader {
     rc.onTableMoved = (off, n) => {
       s.header.refcountTableOffset = off;
       s.header.refcountTableClusters = n;
+    };
+    rc.guard = async (offset, bytes, what, own) => {
+      const meta = this.#overlap(offset, bytes, own);
+      if (meta !== undefined) await this.#corrupt(`${what}, which overlaps ${meta}`);
     };
     for (let i = 0; i < s.l1Size; i++) {
       const off = s.l2Offset(i);
@@ -145,15 +170,45 @@ export class Qcow2Writer implements ByteReader {
     else this.#l2Refs.delete(offset);
   }
 
-  /** True when the cluster at `host` holds metadata that data must never overwrite. */
-  #isMetadata(host: number): boolean {
+  /**
+   * The metadata that the host clusters of `[offset, offset + bytes)` overlap, named for a
+   * message ("the L1 table at 0x30000"), or undefined. What is checked follows QEMU's default
+   * overlap checks (qcow2_check_metadata_overlap, QCOW2_OL_CACHED): the header, the active L1 and
+   * L2 tables, the refcount table and blocks, the snapshot table, the snapshots' L1 tables and the
+   * encryption header; `written` leaves out the kind of structure being written, which may
+   * overlap itself.
+   */
+  #overlap(offset: number, bytes: number, written: Written = 'data'): string | undefined {
     const s = this.s;
-    const c = Math.floor(host / s.clusterSize) * s.clusterSize;
-    if (c === 0) return true;
+    const cs = s.clusterSize;
+    const start = Math.floor(offset / cs) * cs;
+    const end = Math.ceil((offset + bytes) / cs) * cs;
+    if (start < cs) return 'the header';
     const l1 = s.header.l1TableOffset;
-    if (c >= l1 && c < l1 + Math.max(8, s.l1Size * 8)) return true;
-    if (this.rc.isMetadata(c) || this.#l2Refs.has(c)) return true;
-    return this.#fixedMetadata.some((m) => c + s.clusterSize > m.offset && c < m.offset + m.bytes);
+    if (written !== 'l1' && intersects(start, end, l1, Math.max(8, s.l1Size * 8))) return `the L1 table at ${hex(l1)}`;
+    const rt = this.rc.tableOffset;
+    if (written !== 'refcount-table' && intersects(start, end, rt, this.rc.tableClusters * cs)) return `the refcount table at ${hex(rt)}`;
+    for (let c = start; c < end; c += cs) {
+      const block = written === 'refcount-block' ? undefined : this.rc.blockIndexAt(c);
+      if (block !== undefined) return `refcount block ${block} at ${hex(c)}`;
+      if (written !== 'l2' && this.#l2Refs.has(c)) return `the L2 table at ${hex(c)}`;
+    }
+    for (const m of this.#fixedMetadata) if (intersects(start, end, m.offset, m.bytes)) return `${m.name} at ${hex(m.offset)}`;
+    return undefined;
+  }
+
+  /** Why data may not be written at `host` (from an L2 entry), or undefined: the read path's checks, and no metadata there. */
+  #dataProblem(host: number): string | undefined {
+    const problem = this.s.dataClusterProblem(host);
+    if (problem !== undefined) return problem;
+    const meta = this.#overlap(host, this.s.clusterSize);
+    return meta !== undefined ? `has data offset ${hex(host)}, which overlaps ${meta}` : undefined;
+  }
+
+  /** A cluster the allocator just returned for `what` (data, an L2 table) is free of metadata; else the image is corrupt. */
+  async #checkAllocated(host: number, what: string): Promise<void> {
+    const meta = this.#overlap(host, this.s.clusterSize);
+    if (meta !== undefined) await this.#corrupt(`the allocator returned cluster ${hex(host)} for ${what}, which overlaps ${meta} (its refcount is wrong)`);
   }
 
   /** Marks the image corrupt (incompatible bit 1) and refuses further writes, as QEMU does. */
@@ -167,6 +222,10 @@ export class Qcow2Writer implements ByteReader {
     throw err;
   }
 
+  /**
+   * After corruption was found nothing more is written, not even a flush of what is cached (as
+   * QEMU, which detaches the driver): the metadata in memory can no longer be trusted.
+   */
   #checkUsable(): void {
     if (this.#broken) throw this.#broken;
   }
@@ -215,9 +274,14 @@ export class Qcow2Writer implements ByteReader {
     return p;
   }
 
-  /** The L1 entry `i` as (hi, lo) words. */
+  /** The high word of L1 entry `i` (its flags). */
   #l1Hi(i: number): number {
     return this.s.l1[2 * i] ?? 0;
+  }
+
+  /** L1 entry `i` as one 64-bit value (messages). */
+  #l1Entry(i: number): bigint {
+    return wordsEntry(this.#l1Hi(i), this.s.l1[2 * i + 1] ?? 0);
   }
 
   /** The cached table at `l2off`, pinned (the caller unpins it when done with it). */
@@ -236,8 +300,7 @@ export class Qcow2Writer implements ByteReader {
     const b = Buffer.alloc(8);
     b.writeBigUInt64BE(value);
     await this.#fileWrite(b, this.s.header.l1TableOffset + i * 8);
-    this.s.l1[2 * i] = Number(value >> 32n);
-    this.s.l1[2 * i + 1] = Number(value & 0xffffffffn);
+    [this.s.l1[2 * i], this.s.l1[2 * i + 1]] = entryWords(value);
   }
 
   /**
@@ -248,7 +311,15 @@ export class Qcow2Writer implements ByteReader {
   async #writableTable(l1i: number): Promise<L2Table> {
     const s = this.s;
     const l2off = s.l2Offset(l1i);
-    if (l2off !== 0 && this.#l1Hi(l1i) & HI_COPIED) return this.#table(l2off);
+    if (l2off !== 0 && this.#l1Hi(l1i) & QCOW2_HI_COPIED) {
+      // Changed in place and written back there: the offset must not be other metadata.
+      const meta = this.#overlap(l2off, s.clusterSize, 'l2');
+      if (meta !== undefined) await this.#corrupt(`L1 entry ${l1i} (${hex(this.#l1Entry(l1i))}) has L2 table offset ${hex(l2off)}, which overlaps ${meta}`);
+      return this.#table(l2off);
+    }
+    // The L1 entry will be rewritten: l1_table_offset must not point into other metadata.
+    const l1meta = this.#overlap(s.header.l1TableOffset + l1i * 8, 8, 'l1');
+    if (l1meta !== undefined) await this.#corrupt(`the L1 table at ${hex(s.header.l1TableOffset)} overlaps ${l1meta}`);
     const old = l2off !== 0 ? await this.#table(l2off) : undefined;
     let words: Uint32Array;
     let stride = 2;
@@ -260,7 +331,7 @@ export class Qcow2Writer implements ByteReader {
       words = new Uint32Array((s.clusterSize / 4) | 0);
     }
     const newOff = await this.rc.allocate(1);
-    if (this.#isMetadata(newOff)) await this.#corrupt(`allocator returned metadata cluster ${hex(newOff)} for an L2 table`);
+    await this.#checkAllocated(newOff, 'an L2 table');
     const t = new L2Table(newOff, words, stride);
     try {
       await this.rc.flush();
@@ -271,12 +342,18 @@ export class Qcow2Writer implements ByteReader {
       throw e;
     }
     // From here a failure may leave the L1 entry on disk: never release the new table then.
-    await this.#writeL1Entry(l1i, BigInt(newOff) | COPIED);
+    await this.#writeL1Entry(l1i, BigInt(newOff) | QCOW2_COPIED);
     this.#l2Referenced(newOff, +1);
     if (old) this.#l2Referenced(old.offset, -1);
     s.l2Cache.pin(t);
     await s.l2Cache.insert(t);
-    if (old) this.#pendingFree.push({ offset: old.offset, bytes: s.clusterSize });
+    if (old) {
+      // The old table leaves the cache with the L1 reference (unless another L1 entry still
+      // uses it, in a corrupt image): its cluster may be handed out again once freed, and a
+      // stale copy kept under that offset must never be written back over the new contents.
+      if (!this.#l2Refs.has(old.offset) && !old.dirty && old.pins === 0) s.l2Cache.forget(old.offset);
+      this.#pendingFree.push({ offset: old.offset, bytes: s.clusterSize });
+    }
     return t;
   }
 
@@ -297,22 +374,21 @@ export class Qcow2Writer implements ByteReader {
       return b;
     }
     const ext = s.compressedExtent(entry);
-    const raw = Buffer.alloc(Math.max(0, Math.min(ext.length, s.fileSize - ext.host)));
+    const problem = s.compressedProblem(ext.host);
+    if (problem !== undefined) throw new DiskError('E_QCOW_CORRUPT', `Cannot write ${s.path}: ${problem}`, { offset: ext.host });
+    const raw = Buffer.alloc(Math.min(ext.length, s.fileSize - ext.host));
     const n = await s.file.read(raw, ext.host);
     return inflateCluster(raw.subarray(0, n), cs, ext.host);
   }
 
   /** Host byte range an L2 entry holds a reference to (for freeing), or undefined. */
   #referenced(entry: bigint): Freed | undefined {
-    const s = this.s;
-    if (entry & (1n << 62n)) {
-      const ext = s.compressedExtent(entry);
-      const start = ext.host - (ext.host % 512);
-      const sectors = Number((entry >> s.csizeShift) & s.csizeMask) + 1;
-      return { offset: start, bytes: sectors * 512 };
+    if (entry & QCOW2_COMPRESSED) {
+      const { host, sectors } = qcow2Compressed(entry, this.s.clusterBits);
+      return { offset: host - (host % 512), bytes: sectors * 512 };
     }
     const off = qcow2EntryOffset(entry);
-    return off !== 0 ? { offset: off, bytes: s.clusterSize } : undefined;
+    return off !== 0 ? { offset: off, bytes: this.s.clusterSize } : undefined;
   }
 
   // ---------------------------------------------------------------- writes
@@ -352,9 +428,9 @@ export class Qcow2Writer implements ByteReader {
     const hi = t.words[i] ?? 0;
     const lo = t.words[i + 1] ?? 0;
     // (`&` yields a signed 32-bit value: compare with `>>> 0`.)
-    if (((hi & (HI_COPIED | HI_COMPRESSED)) >>> 0) !== HI_COPIED || lo & LO_ZERO) return -1;
+    if (((hi & (QCOW2_HI_COPIED | QCOW2_HI_COMPRESSED)) >>> 0) !== QCOW2_HI_COPIED || lo & QCOW2_LO_ZERO) return -1;
     const host = qcow2Offset(hi, lo);
-    if (host === 0 || s.dataClusterProblem(host) !== undefined || this.#isMetadata(host)) return -1;
+    if (host === 0 || this.#dataProblem(host) !== undefined) return -1;
     return host;
   }
 
@@ -401,19 +477,18 @@ export class Qcow2Writer implements ByteReader {
     const clusterStart = ci * cs;
     const inCluster = off - clusterStart;
     const entry = t.entry(l2i);
-    const hi = Number(entry >> 32n);
-    const lo = Number(entry & 0xffffffffn);
+    const [hi, lo] = entryWords(entry);
     const host = qcow2Offset(hi, lo);
-    const compressed = (hi & HI_COMPRESSED) !== 0;
-    const zero = !compressed && (lo & LO_ZERO) !== 0;
+    const compressed = (hi & QCOW2_HI_COMPRESSED) !== 0;
+    const zero = !compressed && (lo & QCOW2_LO_ZERO) !== 0;
     if (!compressed && host !== 0) {
       // Validated as the read path does, plus the overlap check: never write into, or copy
       // from, a cluster the entry has no business pointing at.
-      const problem = s.dataClusterProblem(host) ?? (this.#isMetadata(host) ? `points at metadata cluster ${hex(host)}` : undefined);
+      const problem = this.#dataProblem(host);
       if (problem !== undefined) await this.#corrupt(`L2 entry ${l2i} of table ${hex(t.offset)} (${hex(entry)}) ${problem}`);
     }
     const full = inCluster === 0 && data.length === cs;
-    const copied = (hi & HI_COPIED) !== 0;
+    const copied = (hi & QCOW2_HI_COPIED) !== 0;
     if (!compressed && host !== 0 && copied && !zero) {
       // Allocated in place (raced with the fast path's conditions): just write.
       await this.#track(this.#fileWrite(data, host + inCluster));
@@ -424,7 +499,7 @@ export class Qcow2Writer implements ByteReader {
       const buf = full ? data : new Uint8Array(cs);
       if (!full) buf.set(data, inCluster);
       await this.#track(this.#fileWrite(buf, host));
-      t.setEntry(l2i, BigInt(host) | COPIED);
+      t.setEntry(l2i, BigInt(host) | QCOW2_COPIED);
       this.#markDirty(t);
       return;
     }
@@ -436,7 +511,7 @@ export class Qcow2Writer implements ByteReader {
     else if (s.backing && clusterStart < s.backing.size) source = 'backing';
     const newHost = await this.rc.allocate(1);
     try {
-      if (this.#isMetadata(newHost)) await this.#corrupt(`allocator returned metadata cluster ${hex(newHost)} for data`);
+      await this.#checkAllocated(newHost, 'data');
       const fresh = newHost >= s.fileSize; // past EOF: reads as zeroes already
       if (full) {
         await this.#fileWrite(data, newHost);
@@ -452,7 +527,7 @@ export class Qcow2Writer implements ByteReader {
       throw e;
     }
     const old = compressed || host !== 0 ? this.#referenced(entry) : undefined;
-    t.setEntry(l2i, BigInt(newHost) | COPIED);
+    t.setEntry(l2i, BigInt(newHost) | QCOW2_COPIED);
     this.#markDirty(t);
     if (old) this.#pendingFree.push(old);
   }
@@ -513,17 +588,16 @@ export class Qcow2Writer implements ByteReader {
   /** Sets entry `l2i` of the writable table `t` to read as zeroes or unallocated. */
   #zeroEntry(t: L2Table, l2i: number, mode: 'zero' | 'discard', unmap: boolean, hasBacking: boolean): void {
     const entry = t.entry(l2i);
-    const hi = Number(entry >> 32n);
-    const lo = Number(entry & 0xffffffffn);
-    const compressed = (hi & HI_COMPRESSED) !== 0;
+    const [hi, lo] = entryWords(entry);
+    const compressed = (hi & QCOW2_HI_COMPRESSED) !== 0;
     const host = compressed ? 0 : qcow2Offset(hi, lo);
-    const zero = !compressed && (lo & LO_ZERO) !== 0;
+    const zero = !compressed && (lo & QCOW2_LO_ZERO) !== 0;
     let next: bigint;
     if (!this.v3) next = 0n;
-    else if (mode === 'zero' && !unmap && !compressed && host !== 0 && hi & HI_COPIED) {
+    else if (mode === 'zero' && !unmap && !compressed && host !== 0 && hi & QCOW2_HI_COPIED) {
       if (zero) return;
-      next = BigInt(host) | COPIED | ZERO_FLAG; // ZERO_ALLOC: keep the cluster
-    } else if (mode === 'zero' || hasBacking) next = ZERO_FLAG; // ZERO_PLAIN
+      next = BigInt(host) | QCOW2_COPIED | QCOW2_ZERO; // ZERO_ALLOC: keep the cluster
+    } else if (mode === 'zero' || hasBacking) next = QCOW2_ZERO; // ZERO_PLAIN
     else next = 0n;
     if (next === entry) return;
     const old = next & QCOW2_OFFSET_MASK ? undefined : this.#referenced(entry);
@@ -536,6 +610,7 @@ export class Qcow2Writer implements ByteReader {
 
   /** Eviction write-back of one table snapshot: refcounts first, sync, then the table. */
   async #writeBackOne(t: L2Table, bytes: Buffer): Promise<void> {
+    this.#checkUsable();
     await this.rc.flush();
     await this.s.file.sync();
     await this.#fileWrite(bytes, t.offset);
@@ -547,6 +622,7 @@ export class Qcow2Writer implements ByteReader {
   }
 
   async #flushLocked(): Promise<void> {
+    this.#checkUsable();
     const s = this.s;
     const inflight = [...this.#inflight];
     const frees = this.#pendingFree.splice(0);
@@ -567,9 +643,10 @@ export class Qcow2Writer implements ByteReader {
     }
   }
 
-  /** Flush, clear the dirty bit we set, release the file. */
+  /** Flush, clear the dirty bit we set, release the file (only the last, once the image is found corrupt). */
   async close(): Promise<void> {
     try {
+      if (this.#broken) return; // reported by the write that found it; nothing more is written
       await this.flush(); // releases queued frees into the refcount cache; written below
       await this.lock.run(async () => {
         await this.rc.flush();

@@ -20,12 +20,10 @@ import { INCOMPAT_DIRTY, INCOMPAT_KNOWN, type Qcow2Header } from './header';
 import { readQcow2Header, assertReadable } from './qcow2';
 import { RefcountManager, setRefcount, refblockEntries } from './refcount';
 import { readSnapshotTable, type SnapshotL1 } from './snapshot-table';
-import { QCOW2_OFFSET_MASK } from './entry';
+import { QCOW2_COMPRESSED, QCOW2_COPIED, QCOW2_OFFSET_MASK, qcow2Compressed } from './entry';
 
 const L1E_RESERVED_MASK = 0x7f000000000001ffn;
 const L2E_RESERVED_MASK = 0x3f000000000001fen;
-const COPIED = 1n << 63n;
-const COMPRESSED = 1n << 62n;
 
 /** What a check found (and fixed), as `qemu-img check --output=json` reports it. */
 export interface CheckResult {
@@ -157,18 +155,14 @@ class Walker {
     const h = this.h;
     const n = this.cs / 8;
     const entries = await readEntries(this.file, l2Offset, n);
-    const csizeShift = BigInt(62 - (h.clusterBits - 8));
-    const csizeMask = (1n << BigInt(h.clusterBits - 8)) - 1n;
-    const coffMask = (1n << csizeShift) - 1n;
     let nextContiguous = 0;
     for (const e of entries) {
-      if (e & COMPRESSED) {
-        if (e & COPIED) {
-          this.res.messages.push(`ERROR: cluster ${(e & coffMask) >> BigInt(h.clusterBits)}: copied flag must never be set for compressed clusters`);
+      if (e & QCOW2_COMPRESSED) {
+        const { host: off, sectors } = qcow2Compressed(e, h.clusterBits);
+        if (e & QCOW2_COPIED) {
+          this.res.messages.push(`ERROR: cluster ${Math.floor(off / this.cs)}: copied flag must never be set for compressed clusters`);
           this.res.corruptions++;
         }
-        const sectors = Number((e >> csizeShift) & csizeMask) + 1;
-        const off = Number(e & coffMask);
         this.inc(off - (off % 512), sectors * 512);
         if (active) {
           this.res.allocatedClusters++;
@@ -287,10 +281,10 @@ async function checkCopied(s: Session, res: CheckResult, fix: boolean): Promise<
     const l2 = Number(e & QCOW2_OFFSET_MASK);
     if (l2 === 0 || l2 % cs !== 0 || l2 >= s.fileSize) continue;
     const r = await rc.getAt(l2);
-    if ((r === 1) !== ((e & COPIED) !== 0n)) {
+    if ((r === 1) !== ((e & QCOW2_COPIED) !== 0n)) {
       res.messages.push(`${fix ? 'Repairing' : 'ERROR'} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${e.toString(16)} refcount=${r}`);
       if (fix) {
-        l1[i] = r === 1 ? e | COPIED : e & ~COPIED;
+        l1[i] = r === 1 ? e | QCOW2_COPIED : e & ~QCOW2_COPIED;
         l1Dirty = true;
         res.corruptionsFixed++;
       } else res.corruptions++;
@@ -299,14 +293,14 @@ async function checkCopied(s: Session, res: CheckResult, fix: boolean): Promise<
     let dirty = false;
     for (let j = 0; j < l2e.length; j++) {
       const x = l2e[j] ?? 0n;
-      if (x & COMPRESSED) continue;
+      if (x & QCOW2_COMPRESSED) continue;
       const off = Number(x & QCOW2_OFFSET_MASK);
       if (off === 0) continue;
       const rr = await rc.getAt(off);
-      if ((rr === 1) !== ((x & COPIED) !== 0n)) {
+      if ((rr === 1) !== ((x & QCOW2_COPIED) !== 0n)) {
         res.messages.push(`${fix ? 'Repairing' : 'ERROR'} OFLAG_COPIED data cluster: l2_entry=${x.toString(16)} refcount=${rr}`);
         if (fix) {
-          l2e[j] = rr === 1 ? x | COPIED : x & ~COPIED;
+          l2e[j] = rr === 1 ? x | QCOW2_COPIED : x & ~QCOW2_COPIED;
           dirty = true;
           res.corruptionsFixed++;
         } else res.corruptions++;

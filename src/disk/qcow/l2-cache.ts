@@ -19,6 +19,7 @@
  * while pinned). Without a `writeBack` callback the cache refuses to mark tables dirty.
  */
 import { DiskError, hex } from '../../errors';
+import { entryWords, wordsEntry } from './entry';
 
 /** One decoded L2 table. */
 export class L2Table {
@@ -67,27 +68,25 @@ export class L2Table {
   /** The 64-bit descriptor word of entry `i` as a bigint (slow path: messages, write path). */
   entry(i: number): bigint {
     const w = this.words;
-    return (BigInt(w[i * this.stride] ?? 0) << 32n) | BigInt(w[i * this.stride + 1] ?? 0);
+    return wordsEntry(w[i * this.stride] ?? 0, w[i * this.stride + 1] ?? 0);
   }
 
   /** Sets the 64-bit descriptor word of entry `i` (does not mark the table dirty). */
   setEntry(i: number, v: bigint): void {
-    this.words[i * this.stride] = Number((v >> 32n) & 0xffffffffn);
-    this.words[i * this.stride + 1] = Number(v & 0xffffffffn);
+    [this.words[i * this.stride], this.words[i * this.stride + 1]] = entryWords(v);
   }
 
   /** Extended L2: the 64-bit subcluster bitmap of entry `i`. */
   bitmap(i: number): bigint {
     if (this.stride !== 4) return 0n;
     const w = this.words;
-    return (BigInt(w[i * 4 + 2] ?? 0) << 32n) | BigInt(w[i * 4 + 3] ?? 0);
+    return wordsEntry(w[i * 4 + 2] ?? 0, w[i * 4 + 3] ?? 0);
   }
 
   /** Extended L2: sets the subcluster bitmap of entry `i`. */
   setBitmap(i: number, v: bigint): void {
     if (this.stride !== 4) throw new RangeError('setBitmap on a table without extended L2 entries');
-    this.words[i * 4 + 2] = Number((v >> 32n) & 0xffffffffn);
-    this.words[i * 4 + 3] = Number(v & 0xffffffffn);
+    [this.words[i * 4 + 2], this.words[i * 4 + 3]] = entryWords(v);
   }
 }
 

@@ -22,8 +22,7 @@ import { L2Table } from './l2-cache';
 import { Mutex } from './alloc';
 import { openQcowState, type QcowOpenOptions, type QcowState } from './qcow1';
 import { QCOW1_HEADER_SIZE } from './header';
-import { offsetWords, qcowOffset } from './entry';
-
+import { QCOW_HI_COMPRESSED, offsetWords, qcowCompressed, qcowOffset, wordsEntry } from './entry';
 
 /** Read-write state of a qcow1 image (`DiskImage.priv`). */
 export class QcowWriter {
@@ -33,11 +32,11 @@ export class QcowWriter {
   #end: number;
 
   /**
-   * Host cluster index → offset of an L2 table with bytes in that cluster, for every table the
-   * L1 references (qcow never frees one). Tables are only 512-byte aligned, so one may straddle
-   * two clusters.
+   * Host cluster index → offsets of the L2 tables with bytes in that cluster, for every table the
+   * L1 references (qcow never frees or moves one). Nothing in the format makes a table cluster-
+   * aligned, so one may straddle two clusters and share them with another.
    */
-  readonly #l2Clusters = new Map<number, number>();
+  readonly #l2Clusters = new Map<number, number[]>();
 
   constructor(s: QcowState) {
     this.s = s;
@@ -69,33 +68,68 @@ export class QcowWriter {
   }
 
   /**
-   * What metadata the cluster at `host` overlaps, or undefined: the header with the backing file
-   * name after it, the L1 table, or an L2 table (512-byte aligned in qcow, so it can share a
-   * cluster with data only when the image is corrupt).
+   * The metadata that the bytes `[start, start + bytes)` overlap, named for a message, or
+   * undefined: the header, the backing file name (wherever backing_file_offset puts it), the L1
+   * table, or an L2 table other than the one at `self` (a table may of course overlap itself).
    */
-  #metadataOverlap(host: number): string | undefined {
+  #metadataOverlap(start: number, bytes: number, self?: number): string | undefined {
     const s = this.s;
-    const end = host + s.clusterSize;
     const h = s.header;
-    const headerEnd = Math.max(QCOW1_HEADER_SIZE, h.backingFileOffset + Buffer.byteLength(h.backingFile ?? ''));
-    if (host < headerEnd) return 'overlaps the header';
-    if (end > h.l1TableOffset && host < h.l1TableOffset + s.l1Size * 8) return `overlaps the L1 table at ${hex(h.l1TableOffset)}`;
-    const t = this.#l2Clusters.get(Math.floor(host / s.clusterSize));
-    return t !== undefined ? `overlaps the L2 table at ${hex(t)}` : undefined;
+    const end = start + bytes;
+    const hits = (at: number, n: number): boolean => start < at + n && at < end;
+    if (hits(0, QCOW1_HEADER_SIZE)) return 'the header';
+    // (The name's UTF-8 length is at least its length on disk: the range errs on the large side.)
+    if (h.backingFile !== undefined && hits(h.backingFileOffset, Buffer.byteLength(h.backingFile))) return `the backing file name at ${hex(h.backingFileOffset)}`;
+    if (hits(h.l1TableOffset, s.l1Size * 8)) return `the L1 table at ${hex(h.l1TableOffset)}`;
+    const cs = s.clusterSize;
+    const tableBytes = s.l2Entries * 8;
+    for (let c = Math.floor(start / cs); c * cs < end; c++) {
+      const t = this.#l2Clusters.get(c)?.find((off) => off !== self && hits(off, tableBytes));
+      if (t !== undefined) return `the L2 table at ${hex(t)}`;
+    }
+    return undefined;
+  }
+
+  /** E_QCOW_CORRUPT for a write refused because of what the image says (message: one line). */
+  #corrupt(msg: string, data: Record<string, unknown>): DiskError {
+    return new DiskError('E_QCOW_CORRUPT', `Cannot write ${this.s.path}: ${msg}`, data);
   }
 
   #addL2Table(offset: number): void {
     const cs = this.s.clusterSize;
     const last = Math.floor((offset + this.s.l2Entries * 8 - 1) / cs);
-    for (let c = Math.floor(offset / cs); c <= last; c++) this.#l2Clusters.set(c, offset);
+    for (let c = Math.floor(offset / cs); c <= last; c++) {
+      const tables = this.#l2Clusters.get(c);
+      if (!tables) this.#l2Clusters.set(c, [offset]);
+      else if (!tables.includes(offset)) tables.push(offset);
+    }
+  }
+
+  /** Why data may not be written at `host` (from an L2 entry), or undefined: the read path's checks, and no metadata there. */
+  #dataProblem(host: number): string | undefined {
+    const s = this.s;
+    const problem = s.dataClusterProblem(host);
+    if (problem !== undefined) return problem;
+    const meta = this.#metadataOverlap(host, s.clusterSize);
+    return meta !== undefined ? `has data offset ${hex(host)}, which overlaps ${meta}` : undefined;
   }
 
   /** A data cluster offset from an L2 entry is usable for a write; else E_QCOW_CORRUPT naming the entry. */
   #checkDataCluster(t: L2Table, l2i: number, host: number): void {
-    const problem = this.s.dataClusterProblem(host) ?? this.#metadataOverlap(host);
-    if (problem !== undefined) {
-      throw new DiskError('E_QCOW_CORRUPT', `Cannot write ${this.s.path}: L2 entry ${l2i} of table ${hex(t.offset)} (${hex(t.entry(l2i))}) ${problem}`, { l2Index: l2i, table: t.offset });
-    }
+    const problem = this.#dataProblem(host);
+    if (problem !== undefined) throw this.#corrupt(`L2 entry ${l2i} of table ${hex(t.offset)} (${hex(t.entry(l2i))}) ${problem}`, { l2Index: l2i, table: t.offset });
+  }
+
+  /**
+   * The L2 table offset of L1 entry `l1i` may be written through (the table is changed in place
+   * and written back there): it must not overlap the header, the L1 table or another L2 table.
+   * (`l2Offset` has already checked that it lies inside the file, as for reads.)
+   */
+  #checkL2Table(l1i: number, off: number): void {
+    const meta = this.#metadataOverlap(off, this.s.l2Entries * 8, off);
+    if (meta === undefined) return;
+    const e = wordsEntry(this.s.l1[2 * l1i] ?? 0, this.s.l1[2 * l1i + 1] ?? 0);
+    throw this.#corrupt(`L1 entry ${l1i} (${hex(e)}) has L2 table offset ${hex(off)}, which overlaps ${meta}`, { l1Index: l1i });
   }
 
   #markDirty(t: L2Table): void {
@@ -108,11 +142,15 @@ export class QcowWriter {
     await this.#write(bytes, t.offset);
   }
 
-  /** The L2 table of L1 index `l1i` (created when `create`), returned pinned: the caller unpins. */
+  /**
+   * The L2 table of L1 index `l1i`, to be changed (created when `create`), returned pinned: the
+   * caller unpins.
+   */
   async #table(l1i: number, create: boolean): Promise<L2Table | undefined> {
     const s = this.s;
     const off = s.l2Offset(l1i);
     if (off !== 0) {
+      this.#checkL2Table(l1i, off);
       for (;;) {
         const t = s.l2Cache.peek(off) ?? (await s.l2Cache.get(off));
         if (s.l2Cache.peek(off) === t) {
@@ -152,7 +190,7 @@ export class QcowWriter {
       const host = qcowOffset(hi, cached.words[2 * l2i + 1] ?? 0);
       // Only an offset that passes every check goes straight to the file; anything else takes
       // the locked path, which reports it.
-      if (host !== 0 && !(hi & 0x80000000) && s.dataClusterProblem(host) === undefined && this.#metadataOverlap(host) === undefined) {
+      if (host !== 0 && !(hi & QCOW_HI_COMPRESSED) && this.#dataProblem(host) === undefined) {
         return this.#write(data, host + (off - ci * cs));
       }
     }
@@ -182,7 +220,7 @@ export class QcowWriter {
     const inCluster = off - clusterStart;
     const hi = t.words[2 * l2i] ?? 0;
     const lo = t.words[2 * l2i + 1] ?? 0;
-    const compressed = (hi & 0x80000000) !== 0;
+    const compressed = (hi & QCOW_HI_COMPRESSED) !== 0;
     const host = compressed ? 0 : qcowOffset(hi, lo);
     if (host !== 0) {
       this.#checkDataCluster(t, l2i, host);
@@ -194,11 +232,11 @@ export class QcowWriter {
     if (!full) {
       const merged = new Uint8Array(cs);
       if (compressed) {
-        const e = (BigInt(hi) << 32n) | BigInt(lo);
-        const shift = BigInt(63 - s.clusterBits);
-        const csize = Number((e >> shift) & BigInt(cs - 1));
-        const at = Number(e & ((1n << shift) - 1n));
-        const raw = Buffer.alloc(Math.max(0, Math.min(csize, s.fileSize - at)));
+        // The rest of the cluster comes from its compressed stream, checked as the read path does.
+        const { host: at, csize } = qcowCompressed(hi, lo, s.clusterBits);
+        const problem = s.compressedProblem(at);
+        if (problem !== undefined) throw this.#corrupt(`L2 entry ${l2i} of table ${hex(t.offset)} ${problem}`, { l2Index: l2i, table: t.offset });
+        const raw = Buffer.alloc(Math.min(csize, s.fileSize - at));
         const n = await s.file.read(raw, at);
         merged.set(await inflateCluster(raw.subarray(0, n), cs, at));
       } else if (s.backing && clusterStart < s.backing.size) {

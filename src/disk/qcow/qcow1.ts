@@ -15,7 +15,7 @@ import { L2Cache, L2Table } from './l2-cache';
 import { inflateCluster } from './compress';
 import { readBytesAt, backingStatus, closingOnFailure, layeredReadOnlyOps, type ByteReader } from './chain';
 import { combinePath, MAX_L1_BYTES, DEFAULT_L2_CACHE_BYTES } from './qcow2';
-import { qcowOffset } from './entry';
+import { QCOW_HI_COMPRESSED, qcowCompressed, qcowOffset } from './entry';
 
 
 const enum Kind {
@@ -102,15 +102,15 @@ export class QcowState implements ByteReader {
     this.#run = cs - inCluster;
     const hi = table.words[2 * l2i] ?? 0;
     const lo = table.words[2 * l2i + 1] ?? 0;
-    if (hi & 0x80000000) {
-      const e = (BigInt(hi) << 32n) | BigInt(lo);
-      const shift = BigInt(63 - this.clusterBits);
-      this.#kind = Kind.Compressed;
-      this.#csize = Number((e >> shift) & BigInt(cs - 1));
-      this.#host = Number(e & ((1n << shift) - 1n));
-      if (this.#host >= this.fileSize) {
-        throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L2 entry ${l2i} of table ${hex(table.offset)} points to compressed data at ${hex(this.#host)} past the end of the file`, { l2Index: l2i });
+    if (hi & QCOW_HI_COMPRESSED) {
+      const c = qcowCompressed(hi, lo, this.clusterBits);
+      const problem = this.compressedProblem(c.host);
+      if (problem !== undefined) {
+        throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L2 entry ${l2i} of table ${hex(table.offset)} ${problem}`, { l2Index: l2i });
       }
+      this.#kind = Kind.Compressed;
+      this.#csize = c.csize;
+      this.#host = c.host;
       return;
     }
     const host = qcowOffset(hi, lo);
@@ -134,6 +134,15 @@ export class QcowState implements ByteReader {
     if (host % this.clusterSize !== 0) return `has data offset ${hex(host)}, not cluster-aligned`;
     // Past 2^53 the offset is not a safe integer, so it is past any real file as well.
     if (!Number.isSafeInteger(host) || host >= this.fileSize) return `points to cluster ${hex(host)} past the end of the file (size ${hex(this.fileSize)})`;
+    return undefined;
+  }
+
+  /**
+   * Why the compressed stream offset `host` read from an L2 entry cannot be used, or undefined
+   * when it can (it starts inside the file). Reads and writes both ask here.
+   */
+  compressedProblem(host: number): string | undefined {
+    if (host >= this.fileSize) return `points to compressed data at ${hex(host)} past the end of the file`;
     return undefined;
   }
 

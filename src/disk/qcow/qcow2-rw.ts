@@ -106,10 +106,10 @@ export async function openQcow2ReadWrite(file: ImageFile, opts: Qcow2OpenOptions
     const fixed: MetadataExtent[] = [];
     if (h.nbSnapshots > 0) {
       const snaps = await readSnapshotTable(file, h);
-      fixed.push({ offset: h.snapshotsOffset, bytes: snaps.bytes });
-      for (const sn of snaps.list) fixed.push({ offset: sn.l1Offset, bytes: sn.l1Size * 8 });
+      fixed.push({ offset: h.snapshotsOffset, bytes: snaps.bytes, name: 'the snapshot table' });
+      snaps.list.forEach((sn, i) => fixed.push({ offset: sn.l1Offset, bytes: sn.l1Size * 8, name: `the L1 table of snapshot ${i}` }));
     }
-    if (h.crypto) fixed.push({ offset: h.crypto.offset, bytes: h.crypto.length });
+    if (h.crypto) fixed.push({ offset: h.crypto.offset, bytes: h.crypto.length, name: 'the encryption header' });
     writer = new Qcow2Writer(state, rc, fixed);
   } catch (e) {
     await file.close().catch(() => undefined);

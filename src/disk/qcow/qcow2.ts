@@ -34,7 +34,7 @@ import { L2Cache, L2Table } from './l2-cache';
 import { assertCompressionSupported, inflateCluster } from './compress';
 import { readBytesAt, backingStatus, type ByteReader } from './chain';
 import { MAX_REFTABLE_BYTES, REFT_OFFSET_MASK, getRefcount, refblockEntries } from './refcount';
-import { qcow2Offset } from './entry';
+import { QCOW2_HI_COMPRESSED, qcow2Compressed, qcow2Offset, wordsEntry } from './entry';
 
 /** QEMU's limit on the L1 table (QCOW_MAX_L1_SIZE, 32 MiB = 4 Mi entries). */
 export const MAX_L1_BYTES = 32 * 1024 * 1024;
@@ -105,10 +105,6 @@ export class Qcow2State implements ByteReader {
   backing: DiskImage | undefined;
   /** Size of the image file; the write path must raise it when it grows the file. */
   fileSize: number;
-  /** Compressed-entry decoding: offset bits are 0..csizeShift-1, sector count above. */
-  readonly csizeShift: bigint;
-  readonly csizeMask: bigint;
-  readonly coffsetMask: bigint;
   /** The last inflated cluster (sequential reads of compressed images inflate each cluster once). */
   #inflated: { host: number; data: Promise<Buffer> } | undefined;
 
@@ -141,9 +137,6 @@ export class Qcow2State implements ByteReader {
       stride: this.extL2 ? 4 : 2,
       read: (buf, off) => this.file.read(buf, off),
     });
-    this.csizeShift = BigInt(62 - (h.clusterBits - 8));
-    this.csizeMask = (1n << BigInt(h.clusterBits - 8)) - 1n;
-    this.coffsetMask = (1n << this.csizeShift) - 1n;
   }
 
   /** Bytes of guest address space one L2 table covers. */
@@ -158,7 +151,7 @@ export class Qcow2State implements ByteReader {
     const off = qcow2Offset(hi, lo);
     if (off === 0) return 0;
     if (off % this.clusterSize !== 0) {
-      throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L1 entry ${i} (${hex((BigInt(hi) << 32n) | BigInt(lo))}) has L2 table offset ${hex(off)}, not cluster-aligned`, { l1Index: i });
+      throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L1 entry ${i} (${hex(wordsEntry(hi, lo))}) has L2 table offset ${hex(off)}, not cluster-aligned`, { l1Index: i });
     }
     if (off + this.clusterSize > this.fileSize) {
       throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L1 entry ${i} points to L2 table ${hex(off)} past the end of the file (size ${hex(this.fileSize)})`, { l1Index: i });
@@ -193,9 +186,9 @@ export class Qcow2State implements ByteReader {
     const s = table.stride * l2i;
     const hi = w[s] ?? 0;
     const lo = w[s + 1] ?? 0;
-    if (hi & 0x40000000) {
+    if (hi & QCOW2_HI_COMPRESSED) {
       this.#kind = Kind.Compressed;
-      this.#centry = (BigInt(hi) << 32n) | BigInt(lo);
+      this.#centry = wordsEntry(hi, lo);
       this.#run = cs - inCluster;
       return;
     }
@@ -285,9 +278,17 @@ export class Qcow2State implements ByteReader {
 
   /** Host offset and byte length of the compressed stream of an entry. */
   compressedExtent(entry: bigint): { host: number; length: number } {
-    const host = Number(entry & this.coffsetMask);
-    const sectors = Number((entry >> this.csizeShift) & this.csizeMask) + 1;
-    return { host, length: sectors * 512 - (host & 511) };
+    const { host, sectors } = qcow2Compressed(entry, this.clusterBits);
+    return { host, length: sectors * 512 - (host % 512) };
+  }
+
+  /**
+   * Why the compressed stream offset `host` read from an L2 entry cannot be used, or undefined
+   * when it can (it starts inside the file). Reads and writes both ask here.
+   */
+  compressedProblem(host: number): string | undefined {
+    if (host >= this.fileSize) return `compressed cluster at ${hex(host)} is past the end of the file (size ${hex(this.fileSize)})`;
+    return undefined;
   }
 
   /** Reads and inflates the compressed cluster described by `entry` (cached for the next request). */
@@ -295,9 +296,8 @@ export class Qcow2State implements ByteReader {
     const { host, length } = this.compressedExtent(entry);
     if (this.#inflated && this.#inflated.host === host) return this.#inflated.data;
     const data = (async () => {
-      if (host >= this.fileSize) {
-        throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: compressed cluster at ${hex(host)} is past the end of the file (size ${hex(this.fileSize)})`);
-      }
+      const problem = this.compressedProblem(host);
+      if (problem !== undefined) throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: ${problem}`, { offset: host });
       const raw = Buffer.allocUnsafe(Math.min(length, this.fileSize - host));
       const n = await this.file.read(raw, host);
       return inflateCluster(raw.subarray(0, n), this.clusterSize, host);

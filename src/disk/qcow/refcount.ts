@@ -105,6 +105,12 @@ export function setRefcount(block: Uint8Array, index: number, order: number, val
   }
 }
 
+/**
+ * What a refcount structure being checked for a write is: an existing block or the table (either
+ * may overlap itself), or a new placement (which may overlap nothing).
+ */
+export type RefcountStructure = 'refcount-block' | 'refcount-table' | 'new';
+
 /** Geometry and location of an image's refcount structures (from the header). */
 export interface RefcountLayout {
   readonly clusterBits: number;
@@ -155,10 +161,22 @@ export class RefcountManager {
    * whole image.
    */
   #runHint = 0;
-  /** Host offsets of every refcount block (for metadata-overlap checks). */
-  readonly #blockSet = new Set<number>();
+  /**
+   * Host offset → table index of every refcount block (for metadata-overlap checks). Blocks are
+   * never freed or moved (a grown table keeps them), so entries are only ever added.
+   */
+  readonly #blocks = new Map<number, number>();
   /** Called after the table moved (offset, clusters), so the owner can update its header copy. */
   onTableMoved: ((offset: number, clusters: number) => void) | undefined;
+  /**
+   * Asked before a refcount structure at `[offset, offset + bytes)` is used for a write: a block
+   * when it is loaded from the offset the table gives, new blocks and a new table before they
+   * are written, the table before an entry is written into it. `what` names the structure for a
+   * message, `own` says which kind it is (it may overlap others of its kind: itself). It rejects
+   * to refuse. The manager knows only the refcount structures; its owner knows the rest of the
+   * image's metadata (the L1 and L2 tables, the snapshot table...).
+   */
+  guard: ((offset: number, bytes: number, what: string, own: RefcountStructure) => Promise<void>) | undefined;
 
   private constructor(file: ImageFile, layout: RefcountLayout, table: number[]) {
     this.file = file;
@@ -170,17 +188,14 @@ export class RefcountManager {
     this.#tableClusters = layout.tableClusters;
     this.#table = table;
     this.#maxCached = Math.max(16, Math.floor((8 * 1024 * 1024) / this.clusterSize));
-    for (const off of table) if (off !== 0) this.#blockSet.add(off);
+    table.forEach((off, i) => {
+      if (off !== 0) this.#blocks.set(off, i);
+    });
   }
 
-  /**
-   * True when the cluster at host offset `offset` holds refcount metadata (the table or a block):
-   * data must never be written there.
-   */
-  isMetadata(offset: number): boolean {
-    const c = Math.floor(offset / this.clusterSize) * this.clusterSize;
-    if (c >= this.#tableOffset && c < this.#tableOffset + this.#tableClusters * this.clusterSize) return true;
-    return this.#blockSet.has(c);
+  /** The table index of the refcount block at host offset `offset` (a cluster start), or undefined. */
+  blockIndexAt(offset: number): number | undefined {
+    return this.#blocks.get(offset);
   }
 
   /** Reads and validates the refcount table. */
@@ -249,6 +264,8 @@ export class RefcountManager {
     }
     const again = this.#cache.get(rtIdx);
     if (again) return again;
+    // Changes to the block will be written back here: the offset must not be other metadata.
+    await this.guard?.(off, this.clusterSize, `refcount table entry ${rtIdx} has refcount block offset ${hex(off)}`, 'refcount-block');
     const data = new Uint8Array(this.clusterSize);
     await readFull(this.file, data, off, `refcount block ${rtIdx}`);
     const raced = this.#cache.get(rtIdx);
@@ -432,6 +449,9 @@ export class RefcountManager {
       if ((this.#table[r] ?? 0) === 0) ranges.push(r);
     }
     if (ranges.length !== m) throw new RangeError(`refcount block count mismatch: ${ranges.length} != ${m}`);
+    const cs = this.clusterSize;
+    await this.guard?.((start + count) * cs, m * cs, `new refcount blocks at ${hex((start + count) * cs)}`, 'new');
+    for (const r of ranges) await this.guard?.(this.#tableOffset + r * 8, 8, `the refcount table at ${hex(this.#tableOffset)}`, 'refcount-table');
     const fresh = new Map<number, CachedBlock>();
     ranges.forEach((r, j) => {
       fresh.set(r, { data: new Uint8Array(this.clusterSize), dirty: false });
@@ -459,7 +479,7 @@ export class RefcountManager {
       await this.file.write(entry, this.#tableOffset + r * 8);
     }
     await this.file.sync();
-    for (const r of ranges) this.#blockSet.add(this.#table[r] ?? 0);
+    for (const r of ranges) this.#blocks.set(this.#table[r] ?? 0, r);
     for (const [r, nb] of fresh) await this.#insert(r, nb);
   }
 
@@ -488,6 +508,7 @@ export class RefcountManager {
     if (tableClusters * cs > MAX_REFTABLE_BYTES) {
       throw new DiskError('E_QCOW_UNSUPPORTED', `Cannot grow refcount table: ${tableClusters} clusters exceed the ${MAX_REFTABLE_BYTES}-byte limit`);
     }
+    await this.guard?.(base * cs, (k + tableClusters) * cs, `new refcount blocks and table at ${hex(base * cs)}`, 'new');
     const used = k + tableClusters;
     const blocks: Uint8Array[] = [];
     for (let j = 0; j < k; j++) {
@@ -520,7 +541,7 @@ export class RefcountManager {
     this.#tableOffset = tableOffset;
     this.#tableClusters = tableClusters;
     for (let j = 0; j < k; j++) {
-      this.#blockSet.add((base + j) * cs);
+      this.#blocks.set((base + j) * cs, g + j);
       const blk = blocks[j];
       if (blk) await this.#insert(g + j, { data: blk, dirty: false });
     }
