@@ -124,6 +124,25 @@ describe('qcow2 read-write: offsets from the image are validated before a write'
     expectOnlyCorruptBitSet(img, before);
   });
 
+  it('discarding a data entry that points at the L1 table is refused before the L1 cluster is freed', async () => {
+    const img = tmp.file('discard-l1.qcow2');
+    const m = qcow2WithData(img);
+    pointEntry(img, m.l2, m.l1);
+    const before = fs.readFileSync(img);
+    expect(await refusedWrite(img, 'qcow2', 'discard 0 64k')).to.match(/L2 entry 0 of table .* has data offset 0x30000, which overlaps the L1 table at 0x30000/);
+    expectOnlyCorruptBitSet(img, before);
+  });
+
+  it('a partial write into a compressed cluster whose stream lies past the end of the file is refused, as a read is', async () => {
+    const img = tmp.file('compressed-eof.qcow2');
+    const m = qcow2WithData(img);
+    const size = fs.statSync(img).size;
+    pointEntry(img, m.l2, size + CLUSTER, 1n << 62n); // compressed, one sector, past EOF
+    const before = fs.readFileSync(img);
+    expect(await refusedWrite(img, 'qcow2')).to.match(/L2 entry 0 of table .*: compressed cluster at 0x[0-9a-f]+ is past the end of the file/);
+    expect(fs.readFileSync(img).equals(before), 'the image file changed').to.equal(true);
+  });
+
   it('an L1 entry (with COPIED) pointing at the refcount table is refused before the table is changed in place', async () => {
     const img = tmp.file('l1-reftable.qcow2');
     const m = qcow2WithData(img);

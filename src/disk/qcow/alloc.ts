@@ -373,22 +373,38 @@ export class Qcow2Writer implements ByteReader {
       if (n < cs) b.fill(0, n);
       return b;
     }
-    const ext = s.compressedExtent(entry);
-    const problem = s.compressedProblem(ext.host);
-    if (problem !== undefined) throw new DiskError('E_QCOW_CORRUPT', `Cannot write ${s.path}: ${problem}`, { offset: ext.host });
+    const ext = s.compressedExtent(entry); // starts inside the file (checked by #referenced)
     const raw = Buffer.alloc(Math.min(ext.length, s.fileSize - ext.host));
     const n = await s.file.read(raw, ext.host);
     return inflateCluster(raw.subarray(0, n), cs, ext.host);
   }
 
-  /** Host byte range an L2 entry holds a reference to (for freeing), or undefined. */
-  #referenced(entry: bigint): Freed | undefined {
+  /**
+   * The host byte range entry `l2i` of `t` holds a reference to, about to be freed (the entry is
+   * being replaced), or undefined. Its offset is checked first as for a write: a refcount will be
+   * decremented there, and freeing the L1 table's cluster, say, would hand it out as data.
+   */
+  async #referenced(t: L2Table, l2i: number): Promise<Freed | undefined> {
+    const s = this.s;
+    const entry = t.entry(l2i);
     if (entry & QCOW2_COMPRESSED) {
-      const { host, sectors } = qcow2Compressed(entry, this.s.clusterBits);
+      const { host, sectors } = qcow2Compressed(entry, s.clusterBits);
+      const problem = s.compressedProblem(host);
+      if (problem !== undefined) {
+        throw new DiskError('E_QCOW_CORRUPT', `Cannot write ${s.path}: L2 entry ${l2i} of table ${hex(t.offset)} (${hex(entry)}): ${problem}`, { l2Index: l2i, table: t.offset });
+      }
       return { offset: host - (host % 512), bytes: sectors * 512 };
     }
     const off = qcow2EntryOffset(entry);
-    return off !== 0 ? { offset: off, bytes: this.s.clusterSize } : undefined;
+    if (off === 0) return undefined;
+    await this.#checkDataEntry(t, l2i, off);
+    return { offset: off, bytes: s.clusterSize };
+  }
+
+  /** The data offset `host` of entry `l2i` of `t` may be written, copied from or freed; else the image is corrupt. */
+  async #checkDataEntry(t: L2Table, l2i: number, host: number): Promise<void> {
+    const problem = this.#dataProblem(host);
+    if (problem !== undefined) await this.#corrupt(`L2 entry ${l2i} of table ${hex(t.offset)} (${hex(t.entry(l2i))}) ${problem}`);
   }
 
   // ---------------------------------------------------------------- writes
@@ -481,12 +497,9 @@ export class Qcow2Writer implements ByteReader {
     const host = qcow2Offset(hi, lo);
     const compressed = (hi & QCOW2_HI_COMPRESSED) !== 0;
     const zero = !compressed && (lo & QCOW2_LO_ZERO) !== 0;
-    if (!compressed && host !== 0) {
-      // Validated as the read path does, plus the overlap check: never write into, or copy
-      // from, a cluster the entry has no business pointing at.
-      const problem = this.#dataProblem(host);
-      if (problem !== undefined) await this.#corrupt(`L2 entry ${l2i} of table ${hex(t.offset)} (${hex(entry)}) ${problem}`);
-    }
+    // Validated as the read path does, plus the overlap check: never write into, or copy
+    // from, a cluster the entry has no business pointing at.
+    if (!compressed && host !== 0) await this.#checkDataEntry(t, l2i, host);
     const full = inCluster === 0 && data.length === cs;
     const copied = (hi & QCOW2_HI_COPIED) !== 0;
     if (!compressed && host !== 0 && copied && !zero) {
@@ -509,6 +522,7 @@ export class Qcow2Writer implements ByteReader {
     else if (zero) source = 'zero';
     else if (host !== 0) source = 'data';
     else if (s.backing && clusterStart < s.backing.size) source = 'backing';
+    const old = compressed || host !== 0 ? await this.#referenced(t, l2i) : undefined;
     const newHost = await this.rc.allocate(1);
     try {
       await this.#checkAllocated(newHost, 'data');
@@ -526,7 +540,6 @@ export class Qcow2Writer implements ByteReader {
       if (!this.#broken) await this.rc.adjust(newHost / cs, -1).catch(() => undefined); // unreferenced
       throw e;
     }
-    const old = compressed || host !== 0 ? this.#referenced(entry) : undefined;
     t.setEntry(l2i, BigInt(newHost) | QCOW2_COPIED);
     this.#markDirty(t);
     if (old) this.#pendingFree.push(old);
@@ -579,19 +592,21 @@ export class Qcow2Writer implements ByteReader {
     await this.#prepare();
     const t = await this.#writableTable(l1i);
     try {
-      this.#zeroEntry(t, l2i, mode, unmap, hasBacking);
+      await this.#zeroEntry(t, l2i, mode, unmap, hasBacking);
     } finally {
       s.l2Cache.unpin(t);
     }
   }
 
   /** Sets entry `l2i` of the writable table `t` to read as zeroes or unallocated. */
-  #zeroEntry(t: L2Table, l2i: number, mode: 'zero' | 'discard', unmap: boolean, hasBacking: boolean): void {
+  async #zeroEntry(t: L2Table, l2i: number, mode: 'zero' | 'discard', unmap: boolean, hasBacking: boolean): Promise<void> {
     const entry = t.entry(l2i);
     const [hi, lo] = entryWords(entry);
     const compressed = (hi & QCOW2_HI_COMPRESSED) !== 0;
     const host = compressed ? 0 : qcow2Offset(hi, lo);
     const zero = !compressed && (lo & QCOW2_LO_ZERO) !== 0;
+    // Kept (ZERO_ALLOC) or freed below: either way the offset must be one a write may trust.
+    if (host !== 0) await this.#checkDataEntry(t, l2i, host);
     let next: bigint;
     if (!this.v3) next = 0n;
     else if (mode === 'zero' && !unmap && !compressed && host !== 0 && hi & QCOW2_HI_COPIED) {
@@ -600,7 +615,7 @@ export class Qcow2Writer implements ByteReader {
     } else if (mode === 'zero' || hasBacking) next = QCOW2_ZERO; // ZERO_PLAIN
     else next = 0n;
     if (next === entry) return;
-    const old = next & QCOW2_OFFSET_MASK ? undefined : this.#referenced(entry);
+    const old = next & QCOW2_OFFSET_MASK ? undefined : await this.#referenced(t, l2i);
     t.setEntry(l2i, next);
     this.#markDirty(t);
     if (old) this.#pendingFree.push(old);
