@@ -17,6 +17,13 @@
  *   could still point at it.
  * - Guest flush: refcount blocks, fdatasync, L2 tables, fdatasync, then the queued frees.
  *
+ * Offsets read from the image are never trusted for a write (as QEMU's overlap checks): a data
+ * offset written, copied from or freed, an L2 table changed in place, a refcount block loaded to
+ * be changed, and the cluster the allocator returns are checked against the live metadata (the
+ * header, the L1 table, the active L2 tables, the refcount table and blocks, the snapshot table
+ * and the snapshots' L1 tables, the encryption header). A problem marks the image corrupt and
+ * nothing more is written.
+ *
  * Concurrency: writes to clusters that are allocated with COPIED go straight to the file (a
  * synchronous cache lookup, no lock). Everything that changes metadata runs under one async mutex
  * per image (correctness first: allocations are serialised).
@@ -658,10 +665,13 @@ export class Qcow2Writer implements ByteReader {
     }
   }
 
-  /** Flush, clear the dirty bit we set, release the file (only the last, once the image is found corrupt). */
+  /**
+   * Flush, clear the dirty bit we set, release the file. Once the image was found corrupt only
+   * the file is released: nothing more is written (the write that found it reported it).
+   */
   async close(): Promise<void> {
     try {
-      if (this.#broken) return; // reported by the write that found it; nothing more is written
+      if (this.#broken) return;
       await this.flush(); // releases queued frees into the refcount cache; written below
       await this.lock.run(async () => {
         await this.rc.flush();

@@ -10,6 +10,11 @@
  * A crash can therefore leave unreferenced space at the end of the file, never an entry that
  * points at garbage. Discards and zero writes without a backing file clear entries (the space is
  * not reused: qcow1 cannot know it is free).
+ *
+ * Offsets read from the image are checked before anything is written through them: a data
+ * offset as the read path checks it (cluster-aligned, inside the file) and against the header,
+ * the backing file name, the L1 table and the L2 tables; an L2 table changed in place against
+ * the same metadata. A problem is E_QCOW_CORRUPT naming the entry (qcow1 has no corrupt bit).
  */
 import { DiskError, hex } from '../../errors';
 import { DiskImage } from '../disk-image';
