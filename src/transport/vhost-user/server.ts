@@ -325,6 +325,7 @@ class Session {
   #unsentBytes = 0;
   /** Reading stopped because the backlog is full (the socket is not armed). */
   #paused = false;
+  #resumeScheduled = false;
 
   constructor(fd: number, backend: VhostUserBackend, poller: Poller, log: (line: string) => void, onEnd: () => void) {
     this.fd = fd;
@@ -391,7 +392,7 @@ class Session {
     {
       while (!this.#ended && this.#queue.length > 0) {
         const m = this.#queue.shift() as VhostUserMessage;
-        if (this.#paused && this.#queue.length <= MAX_QUEUED_MESSAGES / 2) this.readable();
+        if (this.#paused && this.#queue.length <= MAX_QUEUED_MESSAGES / 2) this.#resumeSoon();
         const { reply, close } = await this.backend.handle(m);
         if (this.#ended) break;
         if (reply && !this.#reply(reply, m.request)) break;
@@ -401,6 +402,20 @@ class Session {
         }
       }
     }
+  }
+
+  /**
+   * Resumes reading in a later turn of the event loop, never from inside #run: handled messages
+   * resolve as microtasks, so resuming there would let a front-end that keeps its socket full be
+   * served in one unbroken run and nothing else (signals, timers, the device) would get a turn.
+   */
+  #resumeSoon(): void {
+    if (this.#resumeScheduled) return;
+    this.#resumeScheduled = true;
+    setImmediate(() => {
+      this.#resumeScheduled = false;
+      this.readable();
+    });
   }
 
   /**
