@@ -20,7 +20,7 @@ import { INCOMPAT_DIRTY, INCOMPAT_KNOWN, type Qcow2Header } from './header';
 import { readQcow2Header, assertReadable } from './qcow2';
 import { RefcountManager, setRefcount, refblockEntries } from './refcount';
 import { readSnapshotTable, type SnapshotL1 } from './snapshot-table';
-import { QCOW2_COMPRESSED, QCOW2_COPIED, QCOW2_OFFSET_MASK, qcow2Compressed } from './entry';
+import { QCOW2_COMPRESSED, QCOW2_COPIED, QCOW2_ZERO, qcow2Compressed, qcow2EntryOffset } from './entry';
 
 const L1E_RESERVED_MASK = 0x7f000000000001ffn;
 const L2E_RESERVED_MASK = 0x3f000000000001fen;
@@ -138,7 +138,7 @@ class Walker {
         this.res.messages.push(`ERROR found L1 entry with reserved bits set: ${e.toString(16)}`);
         this.res.corruptions++;
       }
-      const l2 = Number(e & QCOW2_OFFSET_MASK);
+      const l2 = qcow2EntryOffset(e);
       if (l2 === 0) continue;
       if (l2 % this.cs !== 0) {
         this.res.messages.push(`ERROR l2_offset=${l2.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
@@ -171,8 +171,8 @@ class Walker {
         }
         continue;
       }
-      const off = Number(e & QCOW2_OFFSET_MASK);
-      const zero = (e & 1n) !== 0n && h.version === 3;
+      const off = qcow2EntryOffset(e);
+      const zero = (e & QCOW2_ZERO) !== 0n && h.version === 3;
       if (e & L2E_RESERVED_MASK) {
         this.res.messages.push(`ERROR found L2 entry with reserved bits set: ${e.toString(16)}`);
         this.res.corruptions++;
@@ -278,7 +278,7 @@ async function checkCopied(s: Session, res: CheckResult, fix: boolean): Promise<
   let l1Dirty = false;
   for (let i = 0; i < h.l1Size; i++) {
     const e = l1[i] ?? 0n;
-    const l2 = Number(e & QCOW2_OFFSET_MASK);
+    const l2 = qcow2EntryOffset(e);
     if (l2 === 0 || l2 % cs !== 0 || l2 >= s.fileSize) continue;
     const r = await rc.getAt(l2);
     if ((r === 1) !== ((e & QCOW2_COPIED) !== 0n)) {
@@ -294,7 +294,7 @@ async function checkCopied(s: Session, res: CheckResult, fix: boolean): Promise<
     for (let j = 0; j < l2e.length; j++) {
       const x = l2e[j] ?? 0n;
       if (x & QCOW2_COMPRESSED) continue;
-      const off = Number(x & QCOW2_OFFSET_MASK);
+      const off = qcow2EntryOffset(x);
       if (off === 0) continue;
       const rr = await rc.getAt(off);
       if ((rr === 1) !== ((x & QCOW2_COPIED) !== 0n)) {

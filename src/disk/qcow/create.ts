@@ -22,9 +22,7 @@ import {
   MAX_CLUSTER_BITS,
 } from './header';
 import { RefcountManager, setRefcount } from './refcount';
-
-/** L1/L2 entry flag: refcount is exactly one. */
-const OFLAG_COPIED = 1n << 63n;
+import { QCOW2_COPIED } from './entry';
 
 /** Options of `createImage`, named after `qemu-img create -o`. */
 export interface CreateOptions {
@@ -217,9 +215,9 @@ async function preallocateMetadata(f: ImageFile, rc: RefcountManager, h: Qcow2He
     const dataOff = await rc.allocate(n);
     const l2 = new Uint8Array(cs);
     const v = new DataView(l2.buffer);
-    for (let j = 0; j < n; j++) v.setBigUint64(j * 8, BigInt(dataOff + j * cs) | OFLAG_COPIED);
+    for (let j = 0; j < n; j++) v.setBigUint64(j * 8, BigInt(dataOff + j * cs) | QCOW2_COPIED);
     await f.write(l2, l2Off);
-    l1v.setBigUint64(i * 8, BigInt(l2Off) | OFLAG_COPIED);
+    l1v.setBigUint64(i * 8, BigInt(l2Off) | QCOW2_COPIED);
     end = Math.max(end, l2Off + cs, dataOff + n * cs);
   }
   if (end > 2 ** 56) throw new DiskError('E_USAGE', `Cannot preallocate: the image would end at ${hex(end)}`);

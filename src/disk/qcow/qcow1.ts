@@ -83,7 +83,7 @@ export class QcowState implements ByteReader {
     const lo = this.l1[2 * i + 1] ?? 0;
     const off = qcowOffset(hi, lo);
     if (off === 0) return 0;
-    if (hi > 0x1fffff || off + this.l2Entries * 8 > this.fileSize) {
+    if (!Number.isSafeInteger(off) || off + this.l2Entries * 8 > this.fileSize) {
       throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L1 entry ${i} points to L2 table ${hex(off)} past the end of the file (size ${hex(this.fileSize)})`, { l1Index: i });
     }
     return off;
