@@ -450,7 +450,7 @@ export class RefcountManager {
     }
     if (ranges.length !== m) throw new RangeError(`refcount block count mismatch: ${ranges.length} != ${m}`);
     const cs = this.clusterSize;
-    await this.guard?.((start + count) * cs, m * cs, `new refcount blocks at ${hex((start + count) * cs)}`, 'new');
+    await this.guard?.((start + count) * cs, m * cs, `the range of new refcount blocks at ${hex((start + count) * cs)}`, 'new');
     for (const r of ranges) await this.guard?.(this.#tableOffset + r * 8, 8, `the refcount table at ${hex(this.#tableOffset)}`, 'refcount-table');
     const fresh = new Map<number, CachedBlock>();
     ranges.forEach((r, j) => {
@@ -508,7 +508,7 @@ export class RefcountManager {
     if (tableClusters * cs > MAX_REFTABLE_BYTES) {
       throw new DiskError('E_QCOW_UNSUPPORTED', `Cannot grow refcount table: ${tableClusters} clusters exceed the ${MAX_REFTABLE_BYTES}-byte limit`);
     }
-    await this.guard?.(base * cs, (k + tableClusters) * cs, `new refcount blocks and table at ${hex(base * cs)}`, 'new');
+    await this.guard?.(base * cs, (k + tableClusters) * cs, `the range of a new refcount table and its blocks at ${hex(base * cs)}`, 'new');
     const used = k + tableClusters;
     const blocks: Uint8Array[] = [];
     for (let j = 0; j < k; j++) {
