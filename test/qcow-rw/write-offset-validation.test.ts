@@ -155,6 +155,28 @@ describe('qcow2 read-write: offsets from the image are validated before a write'
     expectOnlyCorruptBitSet(img, before);
   });
 
+  it('a misaligned L1 entry does not stop writes elsewhere, as in QEMU', async () => {
+    const img = tmp.file('l1-misaligned-elsewhere.qcow2');
+    createImage(img, '1G');
+    qemuIo(img, ['write -P 1 0 64k', 'write -P 2 512M 64k']);
+    const l1 = u64(img, 40);
+    pokeBytes(img, l1 + 8, be64(BigInt(u64(img, l1 + 8)) + 512n)); // L1 entry 1 (guest 512M..1G)
+    const r = await vblk('io', '-c', 'write -P 3 4k 4k', img);
+    expect(r.status, r.stderr).to.equal(0);
+    qemuIo(img, ['read -P 1 0 4k', 'read -P 3 4k 4k'], { readonly: true });
+  });
+
+  it('a write through a misaligned L1 entry is refused naming the entry, and only the corrupt bit changes', async () => {
+    const img = tmp.file('l1-misaligned.qcow2');
+    createImage(img, '1G');
+    qemuIo(img, ['write -P 1 0 64k', 'write -P 2 512M 64k']);
+    const l1 = u64(img, 40);
+    pokeBytes(img, l1 + 8, be64(BigInt(u64(img, l1 + 8)) + 512n));
+    const before = fs.readFileSync(img);
+    expect(await refusedWrite(img, 'qcow2', 'write -P 3 512M 4k')).to.match(/Cannot write .*: L1 entry 1 \(0x8000000000[0-9a-f]+\) has L2 table offset 0x[0-9a-f]+, not cluster-aligned; the image is now marked corrupt$/);
+    expectOnlyCorruptBitSet(img, before);
+  });
+
   it('a refcount table entry pointing at the L1 table is refused before a refcount is written there', async () => {
     const img = tmp.file('reftable-l1.qcow2');
     const m = qcow2WithData(img);

@@ -133,9 +133,11 @@ export class Qcow2Writer implements ByteReader {
       const meta = this.#overlap(offset, bytes, own);
       if (meta !== undefined) await this.#corrupt(`${what}, which overlaps ${meta}`);
     };
+    // An entry the read path would refuse references no table we will ever read or write (any
+    // access through it is refused): the image still opens, as in QEMU.
     for (let i = 0; i < s.l1Size; i++) {
-      const off = s.l2Offset(i);
-      if (off !== 0) this.#l2Referenced(off, +1);
+      const off = s.rawL2Offset(i);
+      if (off !== 0 && s.l2OffsetProblem(i) === undefined) this.#l2Referenced(off, +1);
     }
     s.l2Cache.setWriteBack((t, bytes) => this.#writeBackOne(t, bytes));
   }
@@ -317,7 +319,7 @@ export class Qcow2Writer implements ByteReader {
    */
   async #writableTable(l1i: number): Promise<L2Table> {
     const s = this.s;
-    const l2off = s.l2Offset(l1i);
+    const l2off = await this.#l2OffsetForWrite(l1i);
     if (l2off !== 0 && this.#l1Hi(l1i) & QCOW2_HI_COPIED) {
       // Changed in place and written back there: the offset must not be other metadata.
       const meta = this.#overlap(l2off, s.clusterSize, 'l2');
@@ -362,6 +364,13 @@ export class Qcow2Writer implements ByteReader {
       this.#pendingFree.push({ offset: old.offset, bytes: s.clusterSize });
     }
     return t;
+  }
+
+  /** The L2 table offset of L1 entry `l1i` (0 = none), checked as the read path checks it; else the image is corrupt. */
+  async #l2OffsetForWrite(l1i: number): Promise<number> {
+    const problem = this.s.l2OffsetProblem(l1i);
+    if (problem !== undefined) await this.#corrupt(problem);
+    return this.s.rawL2Offset(l1i);
   }
 
   /** Contents a partial write into an unallocated/zero/compressed/shared cluster starts from. */
@@ -443,8 +452,8 @@ export class Qcow2Writer implements ByteReader {
   #inPlaceHost(ci: number): number {
     const s = this.s;
     const l1i = Math.floor(ci / s.l2Entries);
-    const l2off = s.l2Offset(l1i);
-    if (l2off === 0) return -1;
+    const l2off = s.rawL2Offset(l1i);
+    if (l2off === 0 || s.l2OffsetProblem(l1i) !== undefined) return -1;
     const t = s.l2Cache.peek(l2off);
     if (!t) return -1;
     const i = (ci - l1i * s.l2Entries) * t.stride;
@@ -588,7 +597,7 @@ export class Qcow2Writer implements ByteReader {
     const l1i = Math.floor(ci / s.l2Entries);
     const l2i = ci - l1i * s.l2Entries;
     const hasBacking = s.backing !== undefined && off < s.backing.size;
-    if (s.l2Offset(l1i) === 0 && !hasBacking) return; // reads as zero already
+    if ((await this.#l2OffsetForWrite(l1i)) === 0 && !hasBacking) return; // reads as zero already
     if (!this.v3) {
       if (hasBacking) {
         // v2 has no zero flag: discard is a no-op, zeroing writes zeroes.

@@ -46,9 +46,10 @@ export class QcowWriter {
   constructor(s: QcowState) {
     this.s = s;
     this.#end = Math.ceil(s.fileSize / s.clusterSize) * s.clusterSize;
+    // An entry the read path would refuse references no table we will ever read or write.
     for (let i = 0; i < s.l1Size; i++) {
-      const off = qcowOffset(s.l1[2 * i] ?? 0, s.l1[2 * i + 1] ?? 0);
-      if (off !== 0) this.#addL2Table(off);
+      const off = s.rawL2Offset(i);
+      if (off !== 0 && s.l2OffsetProblem(i) === undefined) this.#addL2Table(off);
     }
     s.l2Cache.setWriteBack((t, bytes) => this.#writeBackOne(t, bytes));
   }
@@ -127,10 +128,12 @@ export class QcowWriter {
 
   /**
    * The L2 table offset of L1 entry `l1i` may be written through (the table is changed in place
-   * and written back there): it must not overlap the header, the L1 table or another L2 table.
-   * (`l2Offset` has already checked that it lies inside the file, as for reads.)
+   * and written back there): it must lie inside the file, as for reads, and not overlap the
+   * header, the L1 table or another L2 table.
    */
   #checkL2Table(l1i: number, off: number): void {
+    const problem = this.s.l2OffsetProblem(l1i);
+    if (problem !== undefined) throw this.#corrupt(problem, { l1Index: l1i });
     const meta = this.#metadataOverlap(off, this.s.l2Entries * 8, off);
     if (meta === undefined) return;
     const e = wordsEntry(this.s.l1[2 * l1i] ?? 0, this.s.l1[2 * l1i + 1] ?? 0);
@@ -153,7 +156,7 @@ export class QcowWriter {
    */
   async #table(l1i: number, create: boolean): Promise<L2Table | undefined> {
     const s = this.s;
-    const off = s.l2Offset(l1i);
+    const off = s.rawL2Offset(l1i);
     if (off !== 0) {
       this.#checkL2Table(l1i, off);
       for (;;) {
@@ -188,7 +191,8 @@ export class QcowWriter {
     const l1i = Math.floor(ci / s.l2Entries);
     const l2i = ci - l1i * s.l2Entries;
     // Fast path: an allocated plain cluster is overwritten in place.
-    const l2off = s.l2Offset(l1i);
+    // (Only data is written here, at an offset checked below; the table itself is not changed.)
+    const l2off = s.rawL2Offset(l1i);
     const cached = l2off !== 0 ? s.l2Cache.peek(l2off) : undefined;
     if (cached) {
       const hi = cached.words[2 * l2i] ?? 0;

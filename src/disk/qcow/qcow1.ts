@@ -79,14 +79,29 @@ export class QcowState implements ByteReader {
 
   /** L2 table offset of L1 entry `i` (0 = unallocated), checked against the file. */
   l2Offset(i: number): number {
-    const hi = this.l1[2 * i] ?? 0;
-    const lo = this.l1[2 * i + 1] ?? 0;
-    const off = qcowOffset(hi, lo);
-    if (off === 0) return 0;
+    const problem = this.l2OffsetProblem(i);
+    if (problem !== undefined) throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: ${problem}`, { l1Index: i });
+    return this.rawL2Offset(i);
+  }
+
+  /** L2 table offset of L1 entry `i` as it is on disk (0 = unallocated), not validated. */
+  rawL2Offset(i: number): number {
+    return qcowOffset(this.l1[2 * i] ?? 0, this.l1[2 * i + 1] ?? 0);
+  }
+
+  /**
+   * Why the L2 table offset of L1 entry `i` cannot be used, naming the entry, or undefined when
+   * it can (or the entry is unallocated): the table must lie inside the file. Reads and writes
+   * both ask here.
+   */
+  l2OffsetProblem(i: number): string | undefined {
+    const off = this.rawL2Offset(i);
+    if (off === 0) return undefined;
+    // Past 2^53 the offset is not a safe integer, so it is past any real file as well.
     if (!Number.isSafeInteger(off) || off + this.l2Entries * 8 > this.fileSize) {
-      throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L1 entry ${i} points to L2 table ${hex(off)} past the end of the file (size ${hex(this.fileSize)})`, { l1Index: i });
+      return `L1 entry ${i} points to L2 table ${hex(off)} past the end of the file (size ${hex(this.fileSize)})`;
     }
-    return off;
+    return undefined;
   }
 
   #classify(cur: number, table: L2Table | null, l1i: number): void {

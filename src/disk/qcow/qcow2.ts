@@ -146,17 +146,29 @@ export class Qcow2State implements ByteReader {
 
   /** The L2 table offset in L1 entry `i` (0 = unallocated), validated. */
   l2Offset(i: number): number {
+    const problem = this.l2OffsetProblem(i);
+    if (problem !== undefined) throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: ${problem}`, { l1Index: i });
+    return this.rawL2Offset(i);
+  }
+
+  /** The L2 table offset in L1 entry `i` as it is on disk (0 = unallocated), not validated. */
+  rawL2Offset(i: number): number {
+    return qcow2Offset(this.l1[2 * i] ?? 0, this.l1[2 * i + 1] ?? 0);
+  }
+
+  /**
+   * Why the L2 table offset of L1 entry `i` cannot be used, naming the entry, or undefined when
+   * it can (or the entry is unallocated): it must be cluster-aligned and the table inside the
+   * file. The read and the write paths both ask here.
+   */
+  l2OffsetProblem(i: number): string | undefined {
     const hi = this.l1[2 * i] ?? 0;
     const lo = this.l1[2 * i + 1] ?? 0;
     const off = qcow2Offset(hi, lo);
-    if (off === 0) return 0;
-    if (off % this.clusterSize !== 0) {
-      throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L1 entry ${i} (${hex(wordsEntry(hi, lo))}) has L2 table offset ${hex(off)}, not cluster-aligned`, { l1Index: i });
-    }
-    if (off + this.clusterSize > this.fileSize) {
-      throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: L1 entry ${i} points to L2 table ${hex(off)} past the end of the file (size ${hex(this.fileSize)})`, { l1Index: i });
-    }
-    return off;
+    if (off === 0) return undefined;
+    if (off % this.clusterSize !== 0) return `L1 entry ${i} (${hex(wordsEntry(hi, lo))}) has L2 table offset ${hex(off)}, not cluster-aligned`;
+    if (off + this.clusterSize > this.fileSize) return `L1 entry ${i} points to L2 table ${hex(off)} past the end of the file (size ${hex(this.fileSize)})`;
+    return undefined;
   }
 
   /** The L2 table covering guest offset `off`: a table, null (unallocated L1 entry), or a promise when not cached. */
