@@ -92,39 +92,30 @@ describe('vhost-user guest memory mapping', function () {
     }
   });
 
-  it('refuses a file shorter than the region, naming the sizes', () => {
-    const fd = fs.openSync(path.join(dir, 'short'), 'w+');
+  /** The error mapping a 1 MiB region of `fd` (a 1 MiB file) at `mmapOffset` fails with; closes `fd`. */
+  function refusal(fd: number, mmapOffset: bigint): unknown {
     try {
       fs.ftruncateSync(fd, MiB);
-      const e = thrown(() => MemoryTable.map([{ guestAddr: 0n, size: BigInt(MiB), userAddr: USER, mmapOffset: 4096n }], [fd], mmapRegionMapper));
-      expect(isVblkError(e, 'E_VHOST_PROTOCOL'), String(e)).to.equal(true);
-      expect(String(e)).to.match(/the file has 1048576 bytes, the region needs 1052672/);
+      return thrown(() => MemoryTable.map([{ guestAddr: 0n, size: BigInt(MiB), userAddr: USER, mmapOffset }], [fd], mmapRegionMapper));
     } finally {
       fs.closeSync(fd);
     }
+  }
+
+  it('refuses a file shorter than the region, naming the sizes', () => {
+    const e = refusal(fs.openSync(path.join(dir, 'short'), 'w+'), 4096n);
+    expect(isVblkError(e, 'E_VHOST_PROTOCOL'), String(e)).to.equal(true);
+    expect(String(e)).to.match(/the file has 1048576 bytes, the region needs 1052672/);
   });
 
   it('refuses a memfd that could be sealed but is not sealed against shrinking', () => {
-    const fd = memfdCreate('vblk-test-unsealed', MFD_ALLOW_SEALING);
-    try {
-      fs.ftruncateSync(fd, MiB);
-      const e = thrown(() => MemoryTable.map([{ guestAddr: 0n, size: BigInt(MiB), userAddr: USER, mmapOffset: 0n }], [fd], mmapRegionMapper));
-      expect(isVblkError(e, 'E_VHOST_PROTOCOL'), String(e)).to.equal(true);
-      expect(String(e)).to.match(/memfd without F_SEAL_SHRINK/);
-    } finally {
-      fs.closeSync(fd);
-    }
+    const e = refusal(memfdCreate('vblk-test-unsealed', MFD_ALLOW_SEALING), 0n);
+    expect(isVblkError(e, 'E_VHOST_PROTOCOL'), String(e)).to.equal(true);
+    expect(String(e)).to.match(/memfd without F_SEAL_SHRINK/);
   });
 
   it('refuses a memfd created without MFD_ALLOW_SEALING (it can never be sealed)', () => {
-    const fd = memfdCreate('vblk-test-unsealable');
-    try {
-      fs.ftruncateSync(fd, MiB);
-      const e = thrown(() => MemoryTable.map([{ guestAddr: 0n, size: BigInt(MiB), userAddr: USER, mmapOffset: 0n }], [fd], mmapRegionMapper));
-      expect(String(e)).to.match(/memfd without F_SEAL_SHRINK/);
-    } finally {
-      fs.closeSync(fd);
-    }
+    expect(String(refusal(memfdCreate('vblk-test-unsealable'), 0n))).to.match(/memfd without F_SEAL_SHRINK/);
   });
 
   it('maps a memfd sealed against shrinking (as QEMU seals memory-backend-memfd)', () => {
