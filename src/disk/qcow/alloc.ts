@@ -137,7 +137,7 @@ export class Qcow2Writer implements ByteReader {
     // access through it is refused): the image still opens, as in QEMU.
     for (let i = 0; i < s.l1Size; i++) {
       const off = s.rawL2Offset(i);
-      if (off !== 0 && s.l2OffsetProblem(i) === undefined) this.#l2Referenced(off, +1);
+      if (off !== 0 && s.l2OffsetProblem(i, off) === undefined) this.#l2Referenced(off, +1);
     }
     s.l2Cache.setWriteBack((t, bytes) => this.#writeBackOne(t, bytes));
   }
@@ -453,7 +453,7 @@ export class Qcow2Writer implements ByteReader {
     const s = this.s;
     const l1i = Math.floor(ci / s.l2Entries);
     const l2off = s.rawL2Offset(l1i);
-    if (l2off === 0 || s.l2OffsetProblem(l1i) !== undefined) return -1;
+    if (l2off === 0 || s.l2OffsetProblem(l1i, l2off) !== undefined) return -1;
     const t = s.l2Cache.peek(l2off);
     if (!t) return -1;
     const i = (ci - l1i * s.l2Entries) * t.stride;

@@ -49,7 +49,7 @@ export class QcowWriter {
     // An entry the read path would refuse references no table we will ever read or write.
     for (let i = 0; i < s.l1Size; i++) {
       const off = s.rawL2Offset(i);
-      if (off !== 0 && s.l2OffsetProblem(i) === undefined) this.#addL2Table(off);
+      if (off !== 0 && s.l2OffsetProblem(i, off) === undefined) this.#addL2Table(off);
     }
     s.l2Cache.setWriteBack((t, bytes) => this.#writeBackOne(t, bytes));
   }

@@ -79,9 +79,11 @@ export class QcowState implements ByteReader {
 
   /** L2 table offset of L1 entry `i` (0 = unallocated), checked against the file. */
   l2Offset(i: number): number {
-    const problem = this.l2OffsetProblem(i);
+    const off = this.rawL2Offset(i);
+    if (off === 0) return 0;
+    const problem = this.l2OffsetProblem(i, off);
     if (problem !== undefined) throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: ${problem}`, { l1Index: i });
-    return this.rawL2Offset(i);
+    return off;
   }
 
   /** L2 table offset of L1 entry `i` as it is on disk (0 = unallocated), not validated. */
@@ -93,9 +95,9 @@ export class QcowState implements ByteReader {
    * Why the L2 table offset of L1 entry `i` cannot be used, naming the entry, or undefined when
    * it can (or the entry is unallocated): the table must lie inside the file. Reads and writes
    * both ask here.
+   * (`off` is the entry's raw offset, passed by callers that have it already.)
    */
-  l2OffsetProblem(i: number): string | undefined {
-    const off = this.rawL2Offset(i);
+  l2OffsetProblem(i: number, off = this.rawL2Offset(i)): string | undefined {
     if (off === 0) return undefined;
     // Past 2^53 the offset is not a safe integer, so it is past any real file as well.
     if (!Number.isSafeInteger(off) || off + this.l2Entries * 8 > this.fileSize) {

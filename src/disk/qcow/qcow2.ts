@@ -146,9 +146,11 @@ export class Qcow2State implements ByteReader {
 
   /** The L2 table offset in L1 entry `i` (0 = unallocated), validated. */
   l2Offset(i: number): number {
-    const problem = this.l2OffsetProblem(i);
+    const off = this.rawL2Offset(i);
+    if (off === 0) return 0;
+    const problem = this.l2OffsetProblem(i, off);
     if (problem !== undefined) throw new DiskError('E_QCOW_CORRUPT', `Cannot read ${this.path}: ${problem}`, { l1Index: i });
-    return this.rawL2Offset(i);
+    return off;
   }
 
   /** The L2 table offset in L1 entry `i` as it is on disk (0 = unallocated), not validated. */
@@ -160,13 +162,11 @@ export class Qcow2State implements ByteReader {
    * Why the L2 table offset of L1 entry `i` cannot be used, naming the entry, or undefined when
    * it can (or the entry is unallocated): it must be cluster-aligned and the table inside the
    * file. The read and the write paths both ask here.
+   * (`off` is the entry's raw offset, passed by callers that have it already.)
    */
-  l2OffsetProblem(i: number): string | undefined {
-    const hi = this.l1[2 * i] ?? 0;
-    const lo = this.l1[2 * i + 1] ?? 0;
-    const off = qcow2Offset(hi, lo);
+  l2OffsetProblem(i: number, off = this.rawL2Offset(i)): string | undefined {
     if (off === 0) return undefined;
-    if (off % this.clusterSize !== 0) return `L1 entry ${i} (${hex(wordsEntry(hi, lo))}) has L2 table offset ${hex(off)}, not cluster-aligned`;
+    if (off % this.clusterSize !== 0) return `L1 entry ${i} (${hex(wordsEntry(this.l1[2 * i] ?? 0, this.l1[2 * i + 1] ?? 0))}) has L2 table offset ${hex(off)}, not cluster-aligned`;
     if (off + this.clusterSize > this.fileSize) return `L1 entry ${i} points to L2 table ${hex(off)} past the end of the file (size ${hex(this.fileSize)})`;
     return undefined;
   }
