@@ -55,7 +55,10 @@ interface Region {
   readonly mapping: RegionMapping;
 }
 
-/** A mapped region as GuestMemory regions: PIECE_BYTES each, every Buffer looking ahead to the region's end or MAX_VIEW_BYTES. */
+/**
+ * A mapped region as GuestMemory regions of PIECE_BYTES each, every Buffer looking ahead to the
+ * region's end or MAX_VIEW_BYTES, whichever comes first.
+ */
 function pieces(r: Region): MemoryRegion[] {
   const out: MemoryRegion[] = [];
   for (let at = 0; at < r.size; at += PIECE_BYTES) {

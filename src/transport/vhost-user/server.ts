@@ -87,7 +87,7 @@ const HUGETLBFS_MAGIC = 0x958458f6;
 /**
  * The unit mmap offsets and lengths of `fd` must be multiples of: the page, or on hugetlbfs
  * (memory-backend-file on /dev/hugepages, a MFD_HUGETLB memfd) the huge page, which the file's
- * block size is there (mmap refuses an offset below it, munmap a length).
+ * block size is there (mmap refuses an offset, munmap a length, that is not a multiple of it).
  */
 function mappingGranule(fd: number, st: fs.Stats): number {
   let type: number;
