@@ -81,7 +81,7 @@ export interface MetadataExtent {
 type Written = 'data' | 'l1' | 'l2' | RefcountStructure;
 
 /** True when `[start, end)` and `[at, at + bytes)` share a byte. */
-function intersects(start: number, end: number, at: number, bytes: number): boolean {
+export function intersects(start: number, end: number, at: number, bytes: number): boolean {
   return start < at + bytes && at < end;
 }
 

@@ -24,7 +24,7 @@ import { SECTOR_SIZE } from '../types';
 import { closeLayered, readBytesAt, writeByCluster } from './chain';
 import { inflateCluster } from './compress';
 import { L2Table } from './l2-cache';
-import { Mutex } from './alloc';
+import { Mutex, intersects } from './alloc';
 import { openQcowState, type QcowOpenOptions, type QcowState } from './qcow1';
 import { QCOW1_HEADER_SIZE } from './header';
 import { QCOW_HI_COMPRESSED, offsetWords, qcowCompressed, qcowOffset, wordsEntry } from './entry';
@@ -42,9 +42,16 @@ export class QcowWriter {
    * aligned, so one may straddle two clusters and share them with another.
    */
   readonly #l2Clusters = new Map<number, number[]>();
+  /**
+   * Bytes of the backing file name at backing_file_offset (0: none). Its UTF-8 length is at
+   * least its length on disk, so the range errs on the large side. Fixed for the image's life:
+   * computed once, not on every in-place write.
+   */
+  readonly #backingNameBytes: number;
 
   constructor(s: QcowState) {
     this.s = s;
+    this.#backingNameBytes = s.header.backingFile !== undefined ? Buffer.byteLength(s.header.backingFile) : 0;
     this.#end = Math.ceil(s.fileSize / s.clusterSize) * s.clusterSize;
     // An entry the read path would refuse references no table we will ever read or write.
     for (let i = 0; i < s.l1Size; i++) {
@@ -82,16 +89,15 @@ export class QcowWriter {
     const s = this.s;
     const h = s.header;
     const end = start + bytes;
-    const hits = (at: number, n: number): boolean => start < at + n && at < end;
-    if (hits(0, QCOW1_HEADER_SIZE)) return 'the header';
-    // (The name's UTF-8 length is at least its length on disk: the range errs on the large side.)
-    if (h.backingFile !== undefined && hits(h.backingFileOffset, Buffer.byteLength(h.backingFile))) return `the backing file name at ${hex(h.backingFileOffset)}`;
-    if (hits(h.l1TableOffset, s.l1Size * 8)) return `the L1 table at ${hex(h.l1TableOffset)}`;
+    if (intersects(start, end, 0, QCOW1_HEADER_SIZE)) return 'the header';
+    if (intersects(start, end, h.backingFileOffset, this.#backingNameBytes)) return `the backing file name at ${hex(h.backingFileOffset)}`;
+    if (intersects(start, end, h.l1TableOffset, s.l1Size * 8)) return `the L1 table at ${hex(h.l1TableOffset)}`;
     const cs = s.clusterSize;
     const tableBytes = s.l2Entries * 8;
     for (let c = Math.floor(start / cs); c * cs < end; c++) {
-      const t = this.#l2Clusters.get(c)?.find((off) => off !== self && hits(off, tableBytes));
-      if (t !== undefined) return `the L2 table at ${hex(t)}`;
+      for (const off of this.#l2Clusters.get(c) ?? []) {
+        if (off !== self && intersects(start, end, off, tableBytes)) return `the L2 table at ${hex(off)}`;
+      }
     }
     return undefined;
   }
