@@ -2,7 +2,9 @@
  * Skipping with a reason. A skipped test is not a passed one: the runner (scripts/run-tests.js)
  * lists every reason given here at the end of the run, and flags skips that gave none.
  */
+import * as fs from 'node:fs';
 import Mocha from 'mocha';
+import { nativeLibraryPath } from '../../src/native/library';
 
 /** Where the runner finds the reasons (shared through globalThis: the runner is plain JS). */
 interface SkipLedger {
@@ -21,4 +23,9 @@ export function skipBecause(ctx: Mocha.Context, why: string): never {
   const ledger = globalThis as SkipLedger;
   (ledger.__vblkSkipReasons ??= []).push(`${where}: ${why}`);
   ctx.skip();
+}
+
+/** Skips (with the reason) when vblk's native library has not been built: `make native` builds it. */
+export function requireNativeLibrary(ctx: Mocha.Context): void {
+  if (!fs.existsSync(nativeLibraryPath())) skipBecause(ctx, `${nativeLibraryPath()} is missing; run \`make native\``);
 }

@@ -1,16 +1,12 @@
-import * as fs from 'node:fs';
 import { expect } from 'chai';
 import { EventFdReader } from '../../src/kvm/eventfd-reader';
 import { signalEventFd } from '../../src/kvm/vm';
 import { close, eventfd } from '../../src/native/libc';
-import { nativeLibraryPath } from '../../src/native/library';
-import { skipBecause } from '../helpers/skip';
+import { requireNativeLibrary } from '../helpers/skip';
 
 describe('EventFdReader (ioeventfd waiter on its own thread)', function () {
   before(function () {
-    if (!fs.existsSync(nativeLibraryPath())) {
-      skipBecause(this, `${nativeLibraryPath()} missing (run make native)`);
-    }
+    requireNativeLibrary(this);
   });
 
   it('calls onSignal on the main thread after the eventfd is written, and stop() ends the thread', async function () {

@@ -4,14 +4,11 @@ import * as path from 'node:path';
 import { expect } from 'chai';
 import { isVblkError } from '../../src/errors';
 import { close, eventfd, ioctl, mmap, munmap, open, MAP_SHARED, O_RDONLY, O_RDWR, PROT_READ, PROT_WRITE } from '../../src/native/libc';
-import { nativeLibraryPath } from '../../src/native/library';
-import { skipBecause } from '../helpers/skip';
+import { requireNativeLibrary } from '../helpers/skip';
 
 describe('native libc bindings', function () {
   before(function () {
-    if (!fs.existsSync(nativeLibraryPath())) {
-      skipBecause(this, `${nativeLibraryPath()} missing (run make native)`);
-    }
+    requireNativeLibrary(this);
   });
 
   it('mmap() returns a zero-filled anonymous mapping exposed as a writable Buffer', function () {

@@ -14,11 +14,10 @@ import { VirtioBlkDevice } from '../../src/virtio/blk';
 import { MockBlkDriver } from '../../src/virtio/mock-driver';
 import { VIRTIO_BLK_S, VIRTIO_BLK_T } from '../../src/virtio/blk-config';
 import { EFD_NONBLOCK, eventfd, mmap, munmap } from '../../src/native/libc';
-import { nativeLibraryPath } from '../../src/native/library';
 import { encodeMemTable, encodeU64, encodeVringAddr, encodeVringState } from '../../src/transport/vhost-user/codec';
 import { FLAGS, PROTOCOL_F, VHOST_USER, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/transport/vhost-user/protocol';
 import { SocketFrontEnd, until } from './socket-client';
-import { skipBecause } from '../helpers/skip';
+import { requireNativeLibrary } from '../helpers/skip';
 
 const CLI = path.resolve(__dirname, '..', '..', 'src', 'cli', 'main.js');
 const GUEST_BASE = 0x10_0000;
@@ -30,7 +29,7 @@ describe('vhost-user kick watching', function () {
   let dir = '';
 
   before(function () {
-    if (!fs.existsSync(nativeLibraryPath())) skipBecause(this, `${nativeLibraryPath()} is missing; run \`make native\``);
+    requireNativeLibrary(this);
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vblk-kick-'));
   });
   after(() => {

@@ -9,7 +9,6 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { F_SEAL_GROW, F_SEAL_SHRINK, MFD_ALLOW_SEALING, addSeals, memfdCreate } from '../../src/native/libc';
-import { nativeLibraryPath } from '../../src/native/library';
 import { MAX_VIEW_BYTES, MemoryTable, PIECE_BYTES } from '../../src/transport/vhost-user/memory-table';
 import { mmapRegionMapper } from '../../src/transport/vhost-user/server';
 import { createMemoryDisk } from '../../src/disk/memory-disk';
@@ -17,7 +16,7 @@ import { VirtioBlkDevice } from '../../src/virtio/blk';
 import { MockBlkDriver } from '../../src/virtio/mock-driver';
 import { VIRTIO_BLK_S, VIRTIO_BLK_T } from '../../src/virtio/blk-config';
 import { isVblkError } from '../../src/errors';
-import { skipBecause } from '../helpers/skip';
+import { requireNativeLibrary } from '../helpers/skip';
 
 const MiB = 1 << 20;
 const GiB = 1024 * MiB;
@@ -65,7 +64,7 @@ describe('vhost-user guest memory mapping', function () {
   this.timeout(30000);
   let dir = '';
   before(function () {
-    if (!fs.existsSync(nativeLibraryPath())) skipBecause(this, `${nativeLibraryPath()} is missing; run \`make native\``);
+    requireNativeLibrary(this);
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vblk-map-'));
   });
   after(() => {

@@ -3,10 +3,9 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { EFD_NONBLOCK, eventfd } from '../../src/native/libc';
-import { nativeLibraryPath } from '../../src/native/library';
 import { Poller, acceptConnection, connectUnix, listenUnix, receiveWithFds, sendWithFds } from '../../src/native/vhost';
 import { until } from './socket-client';
-import { skipBecause } from '../helpers/skip';
+import { requireNativeLibrary } from '../helpers/skip';
 
 function signal(fd: number, n = 1n): void {
   const b = Buffer.alloc(8);
@@ -17,9 +16,7 @@ function signal(fd: number, n = 1n): void {
 describe('native vhost shim (SCM_RIGHTS, poller)', () => {
   let dir: string;
   before(function () {
-    if (!fs.existsSync(nativeLibraryPath())) {
-      skipBecause(this, `${nativeLibraryPath()} is missing; run \`make native\``);
-    }
+    requireNativeLibrary(this);
   });
   beforeEach(() => {
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vblk-vun-'));

@@ -10,13 +10,12 @@ import { MockBlkDriver } from '../../src/virtio/mock-driver';
 import { VIRTIO_BLK_S, VIRTIO_BLK_T } from '../../src/virtio/blk-config';
 import { EFD_NONBLOCK, MFD_ALLOW_SEALING, eventfd, memfdCreate, mmap, munmap } from '../../src/native/libc';
 import type { Mapping } from '../../src/native/libc';
-import { nativeLibraryPath } from '../../src/native/library';
 import { VhostUserServer } from '../../src/transport/vhost-user/server';
 import { encodeMemTable, encodeU64, encodeVringAddr, encodeVringState } from '../../src/transport/vhost-user/codec';
 import { FLAGS, MAX_QUEUED_MESSAGES, PROTOCOL_F, VHOST_USER, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/transport/vhost-user/protocol';
 import { serveImage } from '../../src/cli/commands/serve';
 import { SocketFrontEnd, until } from './socket-client';
-import { skipBecause } from '../helpers/skip';
+import { requireNativeLibrary } from '../helpers/skip';
 
 const GUEST_BASE = 0x10_0000;
 const USER_BASE = 0x7f00_0000_0000n;
@@ -44,9 +43,7 @@ describe('vhost-user server over a Unix socket', function () {
   let flushes: number;
 
   before(function () {
-    if (!fs.existsSync(nativeLibraryPath())) {
-      skipBecause(this, `${nativeLibraryPath()} is missing; run \`make native\``);
-    }
+    requireNativeLibrary(this);
   });
 
   beforeEach(() => {

@@ -14,12 +14,11 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import type { Readable } from 'node:stream';
-import { nativeLibraryPath } from '../../src/native/library';
 import { MAX_UNREAD_REPLY_BYTES } from '../../src/transport/vhost-user/server';
 import { encodeConfig, encodeMessage, encodeU64 } from '../../src/transport/vhost-user/codec';
 import { FLAGS, PROTOCOL_F, VHOST_USER } from '../../src/transport/vhost-user/protocol';
 import { HEARTBEAT_MS } from './fixtures/heartbeat';
-import { skipBecause } from '../helpers/skip';
+import { requireNativeLibrary } from '../helpers/skip';
 
 const CLI = path.resolve(__dirname, '..', '..', 'src', 'cli', 'main.js');
 const HEARTBEAT = path.resolve(__dirname, 'fixtures', 'heartbeat.js');
@@ -162,7 +161,7 @@ describe('vhost-user: a front-end that never reads its replies', function () {
   const FLOOD_ROUNDS = Math.ceil((8 * MAX_UNREAD_REPLY_BYTES) / ROUND_REPLY_BYTES);
 
   before(function () {
-    if (!fs.existsSync(nativeLibraryPath())) skipBecause(this, `${nativeLibraryPath()} is missing; run \`make native\``);
+    requireNativeLibrary(this);
     dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vblk-unread-'));
     image = path.join(dir, 'disk.raw');
     fs.writeFileSync(image, Buffer.alloc(1 << 20));
