@@ -13,10 +13,12 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="$ROOT/build/guest"
 SRC="$ROOT/scripts/guest"
+# shellcheck source=lib/debian-kernel.sh
+source "$ROOT/scripts/lib/debian-kernel.sh"
 STAMP="$OUT/initramfs.gz"
 
 if [[ -f "$STAMP" && -f "$OUT/vmlinuz" && "${VBLK_GUEST_REBUILD:-0}" != 1 ]]; then
-  newer=$(find "$0" "$SRC" -newer "$STAMP" -print -quit)
+  newer=$(find "$0" "$SRC" "$ROOT/scripts/lib/debian-kernel.sh" -newer "$STAMP" -print -quit)
   if [[ -z "$newer" ]]; then
     echo "build/guest is up to date"
     exit 0
@@ -46,20 +48,7 @@ mkdir -p "$OUT"
 
 # ---- kernel -------------------------------------------------------------------------------
 echo "fetching linux-image-cloud-amd64"
-(
-  cd "$WORK"
-  meta=linux-image-cloud-amd64
-  [[ -n "$(apt-cache policy "$meta" | awk '/Candidate/{print $2}' | grep -v none || true)" ]] || apt-get update -qq
-  image=$(apt-cache depends "$meta" | awk '/Depends: linux-image-/{print $2; exit}')
-  [[ -n "$image" ]] || { echo "cannot resolve $meta to a kernel package" >&2; exit 1; }
-  apt-get download -qq "$image" 2>/dev/null || { apt-get update -qq && apt-get download -qq "$image"; }
-  mkdir kernel
-  dpkg -x ./*.deb kernel
-)
-KDIR="$WORK/kernel"
-VMLINUZ=$(ls "$KDIR"/boot/vmlinuz-* | head -1)
-KVER=$(basename "$VMLINUZ" | sed 's/^vmlinuz-//')
-MODDIR="$KDIR/lib/modules/$KVER"
+fetch_cloud_kernel "$WORK"
 
 # ---- initramfs tree -------------------------------------------------------------------------
 R="$WORK/root"
@@ -67,22 +56,7 @@ mkdir -p "$R"/{bin,sbin,dev,proc,sys,tmp,mnt,etc,lib/modules,workloads}
 cp "$(command -v busybox)" "$R/bin/busybox"
 
 # Modules, in load order. A driver built into this kernel (listed in modules.builtin) is skipped.
-MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk)
-: > "$R/etc/modules"
-for m in "${MODULES[@]}"; do
-  f=$(find "$MODDIR/kernel" -name "$m.ko*" | head -1)
-  if [[ -z "$f" ]]; then
-    if grep -q "/$m.ko" "$MODDIR/modules.builtin"; then continue; fi
-    echo "module $m is neither built in nor shipped by $KVER" >&2
-    exit 1
-  fi
-  case "$f" in
-    *.ko.xz) xz -dc "$f" > "$R/lib/modules/$m.ko" ;;
-    *.ko.zst) zstd -qdc "$f" > "$R/lib/modules/$m.ko" ;;
-    *) cp "$f" "$R/lib/modules/$m.ko" ;;
-  esac
-  echo "$m" >> "$R/etc/modules"
-done
+copy_modules "$R" virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk
 
 # Binaries and their libraries (ldd's list, including the dynamic loader).
 copy_bin() {

@@ -13,49 +13,23 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="$ROOT/build/kvm-guest"
 INIT="$ROOT/scripts/kvm-guest/init"
 STAMP="$OUT/initramfs.gz"
+# shellcheck source=lib/debian-kernel.sh
+source "$ROOT/scripts/lib/debian-kernel.sh"
 
 if [[ -f "$STAMP" && -f "$OUT/vmlinuz" && "${VBLK_GUEST_REBUILD:-0}" != 1 ]]; then
-  if [[ -z "$(find "$0" "$INIT" -newer "$STAMP" -print -quit)" ]]; then exit 0; fi
+  if [[ -z "$(find "$0" "$INIT" "$ROOT/scripts/lib/debian-kernel.sh" -newer "$STAMP" -print -quit)" ]]; then exit 0; fi
 fi
 command -v busybox >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq busybox-static >/dev/null; }
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
-(
-  cd "$WORK"
-  meta=linux-image-cloud-amd64
-  [[ -n "$(apt-cache policy "$meta" | awk '/Candidate/{print $2}' | grep -v none || true)" ]] || apt-get update -qq
-  image=$(apt-cache depends "$meta" | awk '/Depends: linux-image-/{print $2; exit}')
-  [[ -n "$image" ]] || { echo "cannot resolve $meta to a kernel package" >&2; exit 1; }
-  apt-get download -qq "$image" 2>/dev/null || { apt-get update -qq && apt-get download -qq "$image"; }
-  mkdir kernel
-  dpkg -x ./*.deb kernel
-)
-KDIR="$WORK/kernel"
-VMLINUZ=$(ls "$KDIR"/boot/vmlinuz-* | head -1)
-KVER=$(basename "$VMLINUZ" | sed 's/^vmlinuz-//')
-MODDIR="$KDIR/lib/modules/$KVER"
+fetch_cloud_kernel "$WORK"
 
 R="$WORK/root"
-mkdir -p "$R"/{bin,dev,proc,sys,host,lib/modules,etc}
+mkdir -p "$R"/{bin,dev,proc,sys,host}
 cp "$(command -v busybox)" "$R/bin/busybox"
-MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci fuse virtiofs irqbypass kvm kvm-amd)
-: > "$R/etc/modules"
-for m in "${MODULES[@]}"; do
-  f=$(find "$MODDIR/kernel" -name "$m.ko*" | head -1)
-  if [[ -z "$f" ]]; then
-    if grep -q "/$m.ko" "$MODDIR/modules.builtin"; then continue; fi
-    echo "module $m is neither built in nor shipped by $KVER" >&2
-    exit 1
-  fi
-  case "$f" in
-    *.ko.xz) xz -dc "$f" > "$R/lib/modules/$m.ko" ;;
-    *.ko.zst) zstd -qdc "$f" > "$R/lib/modules/$m.ko" ;;
-    *) cp "$f" "$R/lib/modules/$m.ko" ;;
-  esac
-  echo "$m" >> "$R/etc/modules"
-done
+copy_modules "$R" virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci fuse virtiofs irqbypass kvm kvm-amd
 cp "$INIT" "$R/init"
 chmod 0755 "$R/init"
 (cd "$R" && find . | busybox cpio -o -H newc 2>/dev/null) | gzip -1 > "$WORK/initramfs.gz"
