@@ -6,7 +6,6 @@
 import { expect } from 'chai';
 import * as child from 'node:child_process';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { GuestMemory } from '../../src/memory/guest-memory';
 import { createMemoryDisk } from '../../src/disk/memory-disk';
@@ -17,6 +16,7 @@ import { EFD_NONBLOCK, eventfd, mmap, munmap } from '../../src/native/libc';
 import { encodeMemTable, encodeU64, encodeVringAddr, encodeVringState } from '../../src/transport/vhost-user/codec';
 import { FLAGS, PROTOCOL_F, VHOST_USER, VHOST_USER_F_PROTOCOL_FEATURES } from '../../src/transport/vhost-user/protocol';
 import { SocketFrontEnd, until } from './socket-client';
+import { useTempDir } from '../helpers/qemu';
 import { requireNativeLibrary } from '../helpers/skip';
 
 const CLI = path.resolve(__dirname, '..', '..', 'src', 'cli', 'main.js');
@@ -26,20 +26,15 @@ const RAM = 2 << 20;
 
 describe('vhost-user kick watching', function () {
   this.timeout(30000);
-  let dir = '';
-
+  const tmp = useTempDir('vblk-kick-');
   before(function () {
     requireNativeLibrary(this);
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vblk-kick-'));
-  });
-  after(() => {
-    if (dir) fs.rmSync(dir, { recursive: true, force: true });
   });
 
   it('serves a request through a kick eventfd without a DeprecationWarning under --pending-deprecation', async () => {
-    const image = path.join(dir, 'disk.raw');
+    const image = tmp.file('disk.raw');
     fs.writeFileSync(image, Buffer.alloc(1 << 20));
-    const sock = path.join(dir, 'vu.sock');
+    const sock = tmp.file('vu.sock');
     const proc = child.spawn(process.execPath, ['--pending-deprecation', CLI, 'serve', '--socket', sock, image], { stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
@@ -47,7 +42,7 @@ describe('vhost-user kick watching', function () {
     proc.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
     const exited = new Promise<number | null>((resolve) => proc.once('exit', resolve));
 
-    const ramFd = fs.openSync(path.join(dir, 'ram'), 'w+');
+    const ramFd = fs.openSync(tmp.file('ram'), 'w+');
     fs.ftruncateSync(ramFd, RAM);
     const ram = mmap({ length: RAM, fd: ramFd });
     const kick = eventfd(0, EFD_NONBLOCK);

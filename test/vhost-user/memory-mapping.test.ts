@@ -6,8 +6,6 @@
  */
 import { expect } from 'chai';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
 import { F_SEAL_GROW, F_SEAL_SHRINK, MFD_ALLOW_SEALING, addSeals, memfdCreate } from '../../src/native/libc';
 import { MAX_VIEW_BYTES, MemoryTable, PIECE_BYTES } from '../../src/transport/vhost-user/memory-table';
 import { mmapRegionMapper } from '../../src/transport/vhost-user/server';
@@ -16,6 +14,7 @@ import { VirtioBlkDevice } from '../../src/virtio/blk';
 import { MockBlkDriver } from '../../src/virtio/mock-driver';
 import { VIRTIO_BLK_S, VIRTIO_BLK_T } from '../../src/virtio/blk-config';
 import { isVblkError } from '../../src/errors';
+import { useTempDir } from '../helpers/qemu';
 import { requireNativeLibrary } from '../helpers/skip';
 
 const MiB = 1 << 20;
@@ -62,17 +61,13 @@ function sealedMemfd(name: string, size: number): number {
 
 describe('vhost-user guest memory mapping', function () {
   this.timeout(30000);
-  let dir = '';
+  const tmp = useTempDir('vblk-map-');
   before(function () {
     requireNativeLibrary(this);
-    dir = fs.mkdtempSync(path.join(os.tmpdir(), 'vblk-map-'));
-  });
-  after(() => {
-    if (dir) fs.rmSync(dir, { recursive: true, force: true });
   });
 
   it('maps exactly the region at a large, unaligned mmap_offset, not the file from offset 0', () => {
-    const file = path.join(dir, 'ram');
+    const file = tmp.file('ram');
     const fd = fs.openSync(file, 'w+');
     try {
       fs.ftruncateSync(fd, 64 * MiB);
@@ -102,7 +97,7 @@ describe('vhost-user guest memory mapping', function () {
   }
 
   it('refuses a file shorter than the region, naming the sizes', () => {
-    const e = refusal(fs.openSync(path.join(dir, 'short'), 'w+'), 4096n);
+    const e = refusal(fs.openSync(tmp.file('short'), 'w+'), 4096n);
     expect(isVblkError(e, 'E_VHOST_PROTOCOL'), String(e)).to.equal(true);
     expect(String(e)).to.match(/the file has 1048576 bytes, the region needs 1052672/);
   });
