@@ -95,4 +95,31 @@ describe('native vhost shim (SCM_RIGHTS, poller)', () => {
       for (const fd of [l, c, s]) fs.closeSync(fd);
     }
   });
+
+  it('a oneshot registration re-armed for writability reports a socket that can take more bytes', async () => {
+    const tokens: number[] = [];
+    const p = new Poller((t) => tokens.push(t));
+    const sock = path.join(dir, 'w');
+    const l = listenUnix(sock);
+    const c = connectUnix(sock);
+    const s = acceptConnection(l) as number;
+    try {
+      p.add(s, 11, 'oneshot');
+      p.rearm(s, 11, { writable: true }); // nothing to read, but an empty send buffer: writable now
+      await until(() => tokens.length === 1, 'writability');
+      expect(tokens).to.deep.equal([11]);
+    } finally {
+      p.close();
+      for (const fd of [l, c, s]) fs.closeSync(fd);
+    }
+  });
+
+  it('re-arming for neither reading nor writing is refused (a registration that could never report)', () => {
+    const p = new Poller(() => undefined);
+    try {
+      expect(() => p.rearm(0, 1, {})).to.throw(RangeError, /readable, writable or both/);
+    } finally {
+      p.close();
+    }
+  });
 });
